@@ -1,0 +1,1 @@
+"""batchdecode: exact, fast batched LLM generation."""
