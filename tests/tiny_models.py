@@ -1,0 +1,81 @@
+"""Tiny random-initialised models of every supported architecture, and a tokenizer made offline.
+
+No hub is reachable here, so tests build their models and tokenizer from scratch. Head dim 64 and a GQA group
+of 2 keep the shapes legal for the Triton kernels; the initialiser is wider than transformers' default so that
+logits are peaked enough for greedy decoding to be stable under fp32 rounding.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
+VOCAB_SIZE = 512
+EOS, BOS, PAD = "<|endoftext|>", "<|startoftext|>", "<|pad|>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Once upon a time there was a little fox who lived in the forest.",
+    "def add(a, b):\n    return a + b\n",
+    "Batched generation pads rows of different lengths; padding must never change the output.",
+    "1 2 3 4 5 6 7 8 9 10, counting is easy. Hello world! How are you today?",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes) with EOS/BOS/PAD and a ChatML template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [EOS, BOS, PAD, "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=BOS, pad_token=PAD)
+    fast.chat_template = CHAT_TEMPLATE
+    assert len(fast) <= VOCAB_SIZE
+    return fast
+
+
+def tiny_config(arch: str) -> PretrainedConfig:
+    tok = tiny_tokenizer()
+    ids = dict(vocab_size=VOCAB_SIZE, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=128, n_layer=2, n_head=2, n_positions=512, initializer_range=0.1, **ids)
+    decoder = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64, max_position_embeddings=512, initializer_range=0.1,
+                   rms_norm_eps=1e-6, **ids)
+    if arch == "llama":
+        return LlamaConfig(**decoder)
+    if arch == "qwen2":
+        return Qwen2Config(**decoder, tie_word_embeddings=True)
+    if arch == "qwen3":
+        return Qwen3Config(**decoder)
+    if arch == "mistral":
+        return MistralConfig(**decoder, sliding_window=None)
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose from {ARCHITECTURES}")
+
+
+def tiny_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
+    model.generation_config.pad_token_id = model.config.pad_token_id
+    return model.eval()
+
+
+def save_tiny_checkpoint(arch: str, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a loadable checkpoint folder: config.json, model.safetensors, generation config and tokenizer."""
+    path = Path(path)
+    tiny_model(arch, dtype).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
