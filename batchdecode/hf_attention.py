@@ -1,0 +1,182 @@
+"""Route 2: `attn_implementation="batchdecode"` for any transformers decoder.
+
+transformers keeps its own contiguous KV cache, key/value [B, KVH, kv, D], in which a left-padded row's pads
+sit at the front. We hand that cache to `paged_attention` as pages, with each row's first real slot as
+`kv_start`: the pads are skipped, never loaded or masked. Pad queries (left pads of a prefill, right pads of
+a right-padded prefill) are not sent to the kernel at all; their output is 0, which transformers discards.
+
+A row's real tokens must be one contiguous run in the mask. Left padding, and right padding during a single
+forward pass, are that; a right-padded batch that goes on decoding is not (its pads become a hole before the
+new tokens), and raises: `batchdecode.generate` handles right padding.
+
+`register()` adds the attention function and its mask function to transformers under the name "batchdecode".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NAME = "batchdecode"
+
+
+def register() -> None:
+    """Make `attn_implementation="batchdecode"` available to every transformers model (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, batchdecode_attention)
+    AttentionMaskInterface.register(NAME, padding_mask)
+
+
+# mask function: called once per forward (per mask type), before the layers run
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask: Tensor | None = None, device="cpu", **kwargs) -> Tensor:
+    """Hand the attention function the 2-D padding mask [B, K], bool, aligned with the key tensor.
+
+    K = kv_offset .. the last query's slot, so the queries are the mask's last q_length columns (the key tensor
+    may be longer, e.g. a StaticCache; slots past K are never read). No mask means no padding.
+    """
+    _require_causal(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, kwargs, device)
+    end = int(q_offset) + q_length
+    if attention_mask is None:
+        return torch.ones(batch_size, end - kv_offset, dtype=torch.bool, device=device)
+    if attention_mask.shape[-1] < end:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but the model has seen {end}")
+    mask = attention_mask[:, kv_offset:end].bool()
+    _require_one_run_per_row(mask)
+    return mask
+
+
+def _require_causal(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, kwargs, device) -> None:
+    """The kernel computes plain causal attention: refuse any other pattern unless it equals causal here.
+
+    A sliding window no longer than the sequence, for example, is plain causal and runs; a window that cuts
+    into it, a bidirectional or block mask, or packed sequences raise.
+    """
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    if mask_function is None or mask_function is causal_mask_function:
+        return
+    shape = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                 kv_offset=kv_offset, allow_is_causal_skip=False, device=device)
+    wanted = sdpa_mask(mask_function=mask_function, use_vmap=kwargs.get("use_vmap", False), **shape)
+    causal = sdpa_mask(mask_function=causal_mask_function, **shape)
+    if not torch.equal(wanted, causal):
+        raise ValueError(
+            "attn_implementation='batchdecode' computes plain causal attention, but this layer asks for another "
+            "mask (a sliding window shorter than the sequence, bidirectional or block attention, or packed "
+            "sequences); use attn_implementation='sdpa' for this model")
+
+
+def _require_one_run_per_row(mask: Tensor) -> None:
+    start, count = _run_bounds(mask)
+    slots = torch.arange(mask.shape[1], device=mask.device)
+    inside = (slots >= start[:, None]) & (slots < (start + count)[:, None])
+    holed = (mask != inside).any(dim=1)
+    if holed.any():
+        rows = holed.nonzero().flatten().tolist()
+        raise ValueError(
+            f"attention_mask rows {rows} have padding between real tokens; attn_implementation='batchdecode' "
+            "needs each row's tokens in one contiguous run (left padding). A right-padded batch cannot go on "
+            "decoding here: use batchdecode.generate, which takes right padding")
+
+
+def _run_bounds(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """First real slot and number of real slots of each row (argmax finds the first True; 0 for an empty row)."""
+    return mask.to(torch.uint8).argmax(dim=1), mask.sum(dim=1)
+
+
+# attention function: called by every attention layer
+
+
+def batchdecode_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                          attention_mask: Tensor | None, *, scaling: float | None = None, dropout: float = 0.0,
+                          **kwargs) -> tuple[Tensor, None]:
+    """query [B, H, q, D], key/value [B, KVH, kv, D] -> ([B, q, H, D], None), through paged_attention."""
+    from . import kernels
+
+    _check_call(query, key, attention_mask, dropout, kwargs)
+    batch, num_heads, q_len, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    if attention_mask is None:  # a model that builds no mask: no padding, queries are the last slots
+        attention_mask = torch.ones(batch, key.shape[2], dtype=torch.bool, device=query.device)
+    pages = RowPages.build(attention_mask, q_len, num_kv_heads)
+    q = pages.pack_queries(query)
+    out = kernels.paged_attention(q, pages.view(key), pages.view(value), pages.block_table, pages.cu_q_lens,
+                                  pages.kv_lens, kv_start=pages.kv_start, scale=scaling)
+    return pages.unpack_output(out, num_heads, head_dim), None
+
+
+def _check_call(query: Tensor, key: Tensor, attention_mask, dropout: float, kwargs: dict) -> None:
+    if dropout:
+        raise ValueError("attn_implementation='batchdecode' is for inference: put the model in eval() mode")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise ValueError("attn_implementation='batchdecode' has no logit soft-capping or attention sinks")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"attn_implementation='batchdecode' takes a 2-D padding mask, got {attention_mask.dim()}-D"
+                         " (a custom 4-D mask cannot be honoured)")
+    if attention_mask is not None and attention_mask.shape[1] > key.shape[2]:
+        raise ValueError(f"padding mask covers {attention_mask.shape[1]} slots, key holds {key.shape[2]}")
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"{query.shape[1]} query heads do not group over {key.shape[1]} KV heads")
+
+
+@dataclass(slots=True)
+class RowPages:
+    """transformers' padded cache seen as pages: one page per (row, KV head), holding that row's whole cache.
+
+    key [B, KVH, kv, D] is contiguous, so key.reshape(B * KVH, kv, 1, D) is a view: the kernel reads the
+    model's cache in place, no copy. Each page is a sequence of its own with one KV head and the GQA group of
+    query heads that share it. Real queries are packed to the front (pad queries never reach the kernel).
+    """
+
+    block_table: Tensor  # [S, 1] int32, S = B * KVH: sequence s reads page s
+    cu_q_lens: Tensor  # [S + 1] int32
+    kv_lens: Tensor  # [S] int32: one past each row's last real slot
+    kv_start: Tensor  # [S] int32: each row's first real slot
+    order: Tensor  # [S * q] int64: token order with each sequence's real queries first, in row order
+    real: Tensor  # [S * q] bool: whether token (s, j) is a real query
+    num_kv_heads: int
+
+    @classmethod
+    def build(cls, mask: Tensor, q_len: int, num_kv_heads: int) -> "RowPages":
+        start, count = _run_bounds(mask)
+        end = start + count
+        # Query j of a row sits at slot K - q_len + j; it is real iff the mask says so.
+        real = mask[:, mask.shape[1] - q_len:].repeat_interleave(num_kv_heads, dim=0)  # [S, q]
+        per_seq = lambda t: t.to(torch.int32).repeat_interleave(num_kv_heads)  # noqa: E731
+        num_seqs = real.shape[0]
+        cu_q_lens = torch.zeros(num_seqs + 1, dtype=torch.int32, device=mask.device)
+        cu_q_lens[1:] = real.sum(dim=1).cumsum(0)
+        real = real.flatten()
+        return cls(
+            block_table=torch.arange(num_seqs, dtype=torch.int32, device=mask.device).view(-1, 1),
+            cu_q_lens=cu_q_lens, kv_lens=per_seq(end), kv_start=per_seq(start),
+            order=torch.argsort((~real).to(torch.uint8), stable=True), real=real, num_kv_heads=num_kv_heads)
+
+    @staticmethod
+    def view(cache: Tensor) -> Tensor:
+        """[B, KVH, kv, D] -> [B * KVH, kv, 1, D] pages (a view when the cache is contiguous, as HF's is)."""
+        batch, num_kv_heads, kv_len, head_dim = cache.shape
+        return cache.reshape(batch * num_kv_heads, kv_len, 1, head_dim)
+
+    def pack_queries(self, query: Tensor) -> Tensor:
+        """[B, H, q, D] -> [S * q, group, D], real queries first (the tail past cu_q_lens[-1] is ignored)."""
+        batch, num_heads, q_len, head_dim = query.shape
+        group = num_heads // self.num_kv_heads
+        tokens = query.reshape(batch, self.num_kv_heads, group, q_len, head_dim).transpose(2, 3)
+        return tokens.reshape(-1, group, head_dim)[self.order]
+
+    def unpack_output(self, out: Tensor, num_heads: int, head_dim: int) -> Tensor:
+        """[S * q, group, D] packed -> [B, q, H, D]; pad queries get 0."""
+        tokens = torch.empty_like(out)
+        tokens[self.order] = out
+        tokens = tokens.masked_fill(~self.real[:, None, None], 0)
+        num_seqs = self.kv_lens.shape[0]
+        batch, q_len = num_seqs // self.num_kv_heads, tokens.shape[0] // num_seqs
+        tokens = tokens.view(batch, self.num_kv_heads, q_len, -1, head_dim).transpose(1, 2)
+        return tokens.reshape(batch, q_len, num_heads, head_dim)
