@@ -1,0 +1,141 @@
+"""The Llama decoder family on paged KV caches: Llama 2/3 (and SmolLM2), Mistral, Qwen2, Qwen3.
+
+One module covers them because they differ only in switches the HF modules already carry: q/k/v (and o) biases
+(Qwen2, Llama's attention_bias), MLP biases (mlp_bias), per-head q/k RMSNorm before rope (Qwen3), tied
+embeddings, and the rope scaling inside the rotary module. The HF model's own submodules and Parameters are used
+in place, never copied; the attention, rope, KV-cache writes, norms and activation run in batchdecode.kernels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from batchdecode import kernels
+from batchdecode.batch import ForwardBatch
+
+from .layers import gate_up
+from .rotary import build_cos_sin_cache, rope_max_position
+
+KVCache = tuple[Tensor, Tensor]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, hf_attn: nn.Module, config: PretrainedConfig):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj, hf_attn.o_proj
+        self.q_norm = getattr(hf_attn, "q_norm", None)  # Qwen3
+        self.k_norm = getattr(hf_attn, "k_norm", None)
+        self.head_dim = hf_attn.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = hf_attn.scaling
+
+    def forward(self, x: Tensor, batch: ForwardBatch, kv_cache: KVCache, cos_sin: Tensor) -> Tensor:
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = _head_rms_norm(q, self.q_norm)
+            k = _head_rms_norm(k, self.k_norm)
+        k_cache, v_cache = kv_cache
+        kernels.rope_and_store_kv(q, k, v, batch.positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
+        out = kernels.paged_attention(q, k_cache, v_cache, batch.block_table, batch.cu_q_lens, batch.kv_lens,
+                                      kv_start=batch.kv_start, scale=self.scaling)
+        return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hf_mlp: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = hf_mlp.gate_proj, hf_mlp.up_proj, hf_mlp.down_proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(kernels.silu_and_mul(gate_up(x, self.gate_proj, self.up_proj)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, hf_layer: nn.Module, config: PretrainedConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(hf_layer.self_attn, config)
+        self.mlp = LlamaMLP(hf_layer.mlp)
+        self.input_layernorm = hf_layer.input_layernorm
+        self.post_attention_layernorm = hf_layer.post_attention_layernorm
+
+    def forward(self, hidden: Tensor, residual: Tensor | None, batch: ForwardBatch, kv_cache: KVCache,
+                cos_sin: Tensor) -> tuple[Tensor, Tensor]:
+        # The residual add is fused into each norm: residual_out = hidden + residual, normalised.
+        x, residual = _rms_norm(hidden, self.input_layernorm, residual)
+        hidden = self.self_attn(x, batch, kv_cache, cos_sin)
+        x, residual = _rms_norm(hidden, self.post_attention_layernorm, residual)
+        return self.mlp(x), residual
+
+
+class Llama(nn.Module):
+    """LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM on paged KV caches.
+
+    `max_position` is max_position_embeddings, capped where transformers' results would otherwise change with
+    length in a way a paged cache cannot follow: at the sliding window (Mistral's sliding_window, Qwen's
+    use_sliding_window layers) since within the window sliding-window attention equals full attention, and at
+    original_max_position_embeddings for longrope. Dynamic-NTK rope equals plain rope up to
+    max_position_embeddings, so it needs no cap.
+    """
+
+    def __init__(self, hf_model: PreTrainedModel):
+        super().__init__()
+        config = hf_model.config
+        _check_supported(config)
+        decoder = hf_model.model
+        self.embed_tokens = decoder.embed_tokens
+        self.layers = nn.ModuleList(LlamaDecoderLayer(layer, config) for layer in decoder.layers)
+        self.norm = decoder.norm
+        self.lm_head = hf_model.lm_head  # the embedding's own Parameter when tie_word_embeddings
+        self.num_layers = len(self.layers)
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = self.layers[0].self_attn.head_dim
+        self.vocab_size = config.vocab_size
+        self.max_position = rope_max_position(decoder.rotary_emb, _window_capped(config))
+        # float32 whatever the model dtype; a plain attribute (not a buffer) so that no dtype conversion rounds it.
+        self.cos_sin = build_cos_sin_cache(decoder.rotary_emb, self.max_position, self.embed_tokens.weight.device)
+        self.eval()
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> Tensor:
+        assert len(kv_caches) == self.num_layers, f"{len(kv_caches)} KV caches for {self.num_layers} layers"
+        hidden, residual = self.embed_tokens(batch.input_ids), None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(hidden, residual, batch, kv_cache, self.cos_sin)
+        # Only the sampled rows need the final norm and the vocabulary projection.
+        rows = batch.logits_indices
+        hidden, _ = _rms_norm(hidden[rows], self.norm, residual[rows])
+        return self.lm_head(hidden).float()
+
+
+def _rms_norm(x: Tensor, norm: nn.Module, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return kernels.rms_norm(x, norm.weight, norm.variance_epsilon, residual)
+
+
+def _head_rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
+    """RMSNorm over each head's features of x [T, heads, D] (Qwen3's q_norm / k_norm)."""
+    out, _ = kernels.rms_norm(x.reshape(-1, x.shape[-1]), norm.weight, norm.variance_epsilon)
+    return out.view(x.shape)
+
+
+def _check_supported(config: PretrainedConfig) -> None:
+    name = type(config).__name__
+    if config.hidden_act != "silu":
+        raise ValueError(f"{name}: hidden_act={config.hidden_act!r} is not supported (only 'silu')")
+
+
+def _window_capped(config: PretrainedConfig) -> int:
+    max_position = config.max_position_embeddings
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:  # Qwen2/3: the window applies only to the layers marked sliding
+        slides = window is not None and "sliding_attention" in layer_types
+    else:  # Mistral: every layer slides when a window is set
+        slides = window is not None and getattr(config, "use_sliding_window", True)
+    # Within the window, sliding-window attention is exactly full causal attention (HF's mask keeps
+    # kv > q - window), so capping the context keeps results exact.
+    return min(max_position, window) if slides else max_position
