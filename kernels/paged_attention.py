@@ -1,0 +1,394 @@
+"""Paged attention in Triton: one kernel for decode, prefill and chunked prefill, plus a split-KV merge.
+
+Work unit: a query tile x one KV head (x one KV split). A query tile holds BLOCK_Q consecutive queries of one
+row times the GROUP_BLOCK query heads that share the KV head, packed as the BLOCK_M = BLOCK_Q * GROUP_BLOCK rows
+of the tl.dot, so K and V are read once per KV head (GQA). Groups that are not a power of two are padded
+and masked; groups above BLOCK_M are cut into chunks.
+
+Grid: (T // BLOCK_Q + S query tiles, KV heads x head chunks, KV splits), all from host-known shapes; a program
+finds its row from cu_q_lens (vLLM's "unified attention" numbering) and programs with no work exit.
+
+KV tiles are counted from each row's kv_start, never from page boundaries, and a row with a single query
+(decode) is cut into splits of SPLIT_TOKENS tokens, also counted from kv_start, merged in a fixed order.
+Every arithmetic step of a row thus depends only on that row's tokens: its output is bitwise identical
+whatever its neighbours, its left padding, the batch size or the physical pages that hold it.
+Tokens are gathered per slot through block_table, so any page size from 1 to 256 takes the same path and
+pages outside [kv_start, causal limit) are never read.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .compile_spec import CompileSpec
+
+SPLIT_TOKENS = 512  # KV tokens per decode split; tests lower it to reach several splits cheaply
+BLOCK_M = 64  # rows of every tl.dot: queries x query heads of one KV head
+ROW_SEARCH = 128  # cu_q_lens entries a program reads per step while finding its row
+MERGE_SPLITS = 16  # splits the merge kernel reduces per step
+HEAD_DIMS = (64, 80, 96, 128, 256)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOG2E = 1.4426950408889634
+# The interpreter computes bf16 wrongly, so there the kernel upcasts half types at load and emulates
+# the GPU's roundings (tl.jit reads the same variable when it decorates the kernels).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_n: int  # KV tokens per inner-loop tile
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(dtype: torch.dtype, head_dim_pad: int) -> TileConfig:
+    """Per dtype and padded head dim only (never per batch), so a row's arithmetic never changes."""
+    if dtype == torch.float32:  # FMA dot (exact fp32, no tf32): small tiles keep registers in check
+        return TileConfig(block_n=32, num_warps=4 if head_dim_pad <= 128 else 8, num_stages=2)
+    if head_dim_pad == 64:
+        return TileConfig(block_n=128, num_warps=4, num_stages=3)
+    if head_dim_pad == 128:
+        return TileConfig(block_n=64, num_warps=4, num_stages=3)
+    return TileConfig(block_n=32, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _round_like(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """x (fp32) rounded to dtype: the value the GPU's round-to-nearest-even convert produces.
+
+    On GPU this is the convert itself. The interpreter truncates fp32 -> bf16, so there the rounding is
+    done on the bits and the result stays fp32 (exactly representable in bf16).
+    """
+    if not INTERPRET:
+        return x.to(dtype)
+    elif dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif dtype == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _operand(x, INTERPRET: tl.constexpr):
+    """A loaded tile as a tl.dot operand: its own dtype on GPU, fp32 in the interpreter."""
+    if INTERPRET:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _find_row(cu_q_lens, q_block, num_rows, block_q, SEARCH: tl.constexpr):
+    """Row owning query tile q_block: row s numbers its tiles from cu_q_lens[s] // block_q + s."""
+    row = 0
+    for first in range(1, num_rows, SEARCH):
+        s = first + tl.arange(0, SEARCH)
+        in_range = s < num_rows
+        first_tile = tl.load(cu_q_lens + s, mask=in_range, other=0) // block_q + s
+        row += tl.sum(((first_tile <= q_block) & in_range).to(tl.int32), axis=0)
+    return row
+
+
+@triton.jit(do_not_specialize=["num_rows", "num_splits", "has_kv_start", "stride_bt"])
+def _paged_attention_kernel(
+    out, q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start,
+    part_acc, part_max, part_sum,
+    scale_log2,  # softmax scale * log2(e): scores live in log2 units so exp2 does the softmax
+    num_rows, num_heads, num_kv_heads, group, head_chunks, log2_group_block, log2_block_size,
+    stride_q_tok, stride_q_head, stride_bt, num_splits, has_kv_start,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, SEARCH: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1) // head_chunks
+    chunk = tl.program_id(1) % head_chunks
+    split = tl.program_id(2)
+    group_block = 1 << log2_group_block
+    block_q = BLOCK_M >> log2_group_block
+
+    row = _find_row(cu_q_lens, q_block, num_rows, block_q, SEARCH)
+    q_lo = tl.load(cu_q_lens + row)
+    q_len = tl.load(cu_q_lens + row + 1) - q_lo
+    q_first = (q_block - q_lo // block_q - row) * block_q
+    if q_first >= q_len:
+        return
+    kv_len = tl.load(kv_lens + row)
+    start = 0
+    if has_kv_start:
+        start = tl.load(kv_start + row)
+    # decode rows (one query) are cut into splits; other rows are covered by their query tiles
+    is_decode = q_len == 1
+    row_splits = tl.where(is_decode, tl.maximum(tl.cdiv(kv_len - start, SPLIT), 1), 1)
+    if split >= row_splits:
+        return
+
+    # tile rows: m = query * group_block + head within the group
+    offs_m = tl.arange(0, BLOCK_M)
+    q_idx = q_first + (offs_m >> log2_group_block)
+    head_in_group = chunk * group_block + (offs_m & (group_block - 1))
+    head = kv_head * group + head_in_group
+    row_valid = (q_idx < q_len) & (head_in_group < group)
+    q_slot = kv_len - q_len + q_idx  # KV slot of each query: it sees slots start .. q_slot
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    q_tok = (q_lo + q_idx).to(tl.int64)
+    q_ptrs = q + q_tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :]
+    q_tile = _operand(tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0), INTERPRET)
+
+    # KV range: from this split's first token to the causal limit of the tile's last query
+    q_last = tl.minimum(q_first + block_q, q_len) - 1
+    kv_hi = kv_len - q_len + q_last + 1
+    kv_lo = start + split * SPLIT
+    kv_hi = tl.where(is_decode, tl.minimum(kv_lo + SPLIT, kv_hi), kv_hi)
+
+    tok_stride = num_kv_heads * HEAD_DIM
+    page_stride = tok_stride.to(tl.int64) * (1 << log2_block_size)
+    pages = block_table + row.to(tl.int64) * stride_bt
+    k_base = k_cache + kv_head * HEAD_DIM
+    v_base = v_cache + kv_head * HEAD_DIM
+    kv_dtype = k_cache.dtype.element_ty
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for tile in range(kv_lo, kv_hi, BLOCK_N):
+        offs_n = tile + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < kv_hi
+        page = tl.load(pages + (offs_n >> log2_block_size), mask=n_valid, other=0)
+        slot = page.to(tl.int64) * page_stride + (offs_n & ((1 << log2_block_size) - 1)) * tok_stride
+        kv_offs = slot[:, None] + offs_d[None, :]
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = _operand(tl.load(k_base + kv_offs, mask=kv_mask, other=0.0), INTERPRET)
+        v = _operand(tl.load(v_base + kv_offs, mask=kv_mask, other=0.0), INTERPRET)
+
+        s = tl.dot(q_tile, tl.trans(k), input_precision="ieee") * scale_log2
+        s = tl.where(offs_n[None, :] <= q_slot[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # a row with nothing visible yet keeps m = -inf; subtract 0 there, not -inf, to avoid NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(_round_like(p, kv_dtype, INTERPRET), v, acc, input_precision="ieee")
+        m_i = m_new
+
+    if row_splits > 1:
+        part = ((row * num_heads + head).to(tl.int64) * num_splits + split)
+        tl.store(part_max + part, m_i, mask=row_valid)
+        tl.store(part_sum + part, l_i, mask=row_valid)
+        acc_ptrs = part_acc + part[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(acc_ptrs, acc, mask=row_valid[:, None] & d_valid[None, :])
+    else:
+        # a query that sees no slot (kv_start past it) outputs zeros
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_ptrs = out + q_tok[:, None] * (num_heads * HEAD_DIM) + head[:, None] * HEAD_DIM + offs_d[None, :]
+        o = _round_like(o, out.dtype.element_ty, INTERPRET)
+        tl.store(o_ptrs, o.to(out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit(do_not_specialize=["num_splits", "has_kv_start"])
+def _merge_splits_kernel(
+    out, part_acc, part_max, part_sum, cu_q_lens, kv_lens, kv_start,
+    num_heads, num_splits, has_kv_start,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """out[decode row, head] from its splits' (max, sum, acc), reduced in a fixed order (split 0 first)."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    q_lo = tl.load(cu_q_lens + row)
+    q_len = tl.load(cu_q_lens + row + 1) - q_lo
+    kv_len = tl.load(kv_lens + row)
+    start = 0
+    if has_kv_start:
+        start = tl.load(kv_start + row)
+    row_splits = tl.cdiv(kv_len - start, SPLIT)
+    if (q_len != 1) | (row_splits <= 1):
+        return
+
+    base = (row * num_heads + head).to(tl.int64) * num_splits
+    offs_s = tl.arange(0, MERGE)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    m = float("-inf")
+    for first in range(0, row_splits, MERGE):
+        maxes = tl.load(part_max + base + first + offs_s, mask=first + offs_s < row_splits, other=float("-inf"))
+        m = tl.maximum(m, tl.max(maxes, axis=0))
+    total = 0.0
+    acc = tl.zeros([HEAD_DIM_PAD], tl.float32)
+    for first in range(0, row_splits, MERGE):
+        s_valid = first + offs_s < row_splits
+        weight = tl.exp2(tl.load(part_max + base + first + offs_s, mask=s_valid, other=float("-inf")) - m)
+        total += tl.sum(tl.load(part_sum + base + first + offs_s, mask=s_valid, other=0.0) * weight, axis=0)
+        acc_ptrs = part_acc + (base + first + offs_s)[:, None] * HEAD_DIM + offs_d[None, :]
+        part = tl.load(acc_ptrs, mask=s_valid[:, None] & d_valid[None, :], other=0.0)
+        acc += tl.sum(part * weight[:, None], axis=0)
+    o = _round_like(acc / total, out.dtype.element_ty, INTERPRET)
+    o_ptrs = out + q_lo.to(tl.int64) * (num_heads * HEAD_DIM) + head * HEAD_DIM + offs_d
+    tl.store(o_ptrs, o.to(out.dtype.element_ty), mask=d_valid)
+
+
+def paged_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    cu_q_lens: Tensor,
+    kv_lens: Tensor,
+    *,
+    kv_start: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Causal attention of packed queries over a paged KV cache; see reference.paged_attention.
+
+    Preconditions the launcher cannot check without a device sync: cu_q_lens[0] == 0,
+    cu_q_lens[S] == q.shape[0], kv_lens[s] <= block_table.shape[1] * block_size, and
+    kv_lens[s] - q_len_s >= kv_start[s] for every row with queries (otherwise the queries that see no slot
+    output zeros). Launches only from host-known shapes: no host synchronisation.
+    """
+    _check_inputs(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start)
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_rows, max_pages = block_table.shape
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+
+    group = num_heads // num_kv_heads
+    group_block = min(triton.next_power_of_2(group), BLOCK_M)
+    head_chunks = triton.cdiv(group, group_block)
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    cfg = tile_config(q.dtype, head_dim_pad)
+    assert SPLIT_TOKENS % cfg.block_n == 0, "a split must hold whole KV tiles"
+    num_splits = triton.cdiv(max_pages * block_size, SPLIT_TOKENS)
+    parts = _split_buffers(num_rows, num_heads, num_splits, head_dim, q.device)
+    has_kv_start = kv_start is not None
+    kv_start = kv_start if has_kv_start else kv_lens  # never read
+    scale = head_dim**-0.5 if scale is None else scale
+
+    grid = (num_tokens // (BLOCK_M // group_block) + num_rows, num_kv_heads * head_chunks, num_splits)
+    _paged_attention_kernel[grid](
+        out, q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start, *parts,
+        scale * LOG2E, num_rows, num_heads, num_kv_heads, group, head_chunks,
+        group_block.bit_length() - 1, block_size.bit_length() - 1,
+        q.stride(0), q.stride(1), block_table.stride(0), num_splits, int(has_kv_start),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
+        SPLIT=SPLIT_TOKENS, SEARCH=ROW_SEARCH, INTERPRET=INTERPRET,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_rows, num_heads)](
+            out, *parts, cu_q_lens, kv_lens, kv_start, num_heads, num_splits, int(has_kv_start),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLIT=SPLIT_TOKENS, MERGE=MERGE_SPLITS,
+            INTERPRET=INTERPRET, num_warps=_merge_warps(head_dim_pad),
+        )
+    return out
+
+
+def _split_buffers(num_rows: int, num_heads: int, num_splits: int, head_dim: int, device) -> tuple:
+    """Per-split partials (acc, max, sum) of decode rows; empty placeholders when no row can split."""
+    if num_splits == 1:
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return empty, empty, empty
+    acc = torch.empty((num_rows, num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
+    stats = torch.empty((2, num_rows, num_heads, num_splits), dtype=torch.float32, device=device)
+    return acc, stats[0], stats[1]
+
+
+def _merge_warps(head_dim_pad: int) -> int:
+    return 4 if head_dim_pad <= 128 else 8
+
+
+def _check_inputs(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start) -> None:
+    """Cheap checks on host-known shapes and dtypes: a bad call fails here, not inside the kernel."""
+    if q.dim() != 3 or k_cache.dim() != 4:
+        raise ValueError(f"paged_attention: q must be [T, H, D] and k_cache [blocks, block_size, KVH, D]; "
+                         f"got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"paged_attention: v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"paged_attention: q, k_cache, v_cache must share one dtype of {DTYPES}; "
+                         f"got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if head_dim not in HEAD_DIMS or cache_dim != head_dim:
+        raise ValueError(f"paged_attention: head dim must be one of {HEAD_DIMS} in q and the cache; "
+                         f"got q {head_dim}, cache {cache_dim}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"paged_attention: {num_heads} query heads is not a multiple of {num_kv_heads} KV heads")
+    if block_size < 1 or block_size > 256 or block_size & (block_size - 1):
+        raise ValueError(f"paged_attention: block_size must be a power of 2 from 1 to 256; got {block_size}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("paged_attention: k_cache and v_cache must be contiguous")
+    num_rows = block_table.shape[0] if block_table.dim() == 2 else -1
+    metadata = {"block_table": (block_table, 2, None), "cu_q_lens": (cu_q_lens, 1, num_rows + 1),
+                "kv_lens": (kv_lens, 1, num_rows)}
+    if kv_start is not None:
+        metadata["kv_start"] = (kv_start, 1, num_rows)
+    for name, (t, dims, length) in metadata.items():
+        if t.dtype != torch.int32 or t.dim() != dims or (length is not None and t.shape[0] != length):
+            raise ValueError(f"paged_attention: {name} must be int32 with {dims} dim(s)"
+                             + (f" and {length} entries" if length is not None else "")
+                             + f"; got {t.dtype} {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"paged_attention: {name} is on {t.device}, q on {q.device}")
+    if k_cache.device != q.device or v_cache.device != q.device:
+        raise ValueError(f"paged_attention: the KV cache is on {k_cache.device}, q on {q.device}")
+    if num_rows == 0 and num_tokens > 0:
+        raise ValueError(f"paged_attention: {num_tokens} query tokens but no rows in block_table")
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every kernel configuration the launcher can pick: one per (dtype, head dim) for each kernel.
+
+    Group size, page size, batch shape and kv_start are runtime arguments, so they add no variants.
+    """
+    specs = []
+    for dtype in DTYPES:
+        ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+        for head_dim in HEAD_DIMS:
+            pad = triton.next_power_of_2(head_dim)
+            cfg = tile_config(dtype, pad)
+            specs.append(CompileSpec(
+                name=f"paged_attention[{ty},D={head_dim}]", fn=_paged_attention_kernel,
+                signature=_attention_signature(ty),
+                constexprs=dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
+                                SPLIT=SPLIT_TOKENS, SEARCH=ROW_SEARCH, INTERPRET=False),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            specs.append(CompileSpec(
+                name=f"paged_attention_merge[{ty},D={head_dim}]", fn=_merge_splits_kernel,
+                signature=_merge_signature(ty),
+                constexprs=dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, SPLIT=SPLIT_TOKENS, MERGE=MERGE_SPLITS,
+                                INTERPRET=False),
+                num_warps=_merge_warps(pad), num_stages=2))
+    return specs
+
+
+def _attention_signature(ty: str) -> dict[str, str]:
+    sig = {"out": f"*{ty}", "q": f"*{ty}", "k_cache": f"*{ty}", "v_cache": f"*{ty}", "block_table": "*i32",
+           "cu_q_lens": "*i32", "kv_lens": "*i32", "kv_start": "*i32", "part_acc": "*fp32", "part_max": "*fp32",
+           "part_sum": "*fp32", "scale_log2": "fp32"}
+    for name in ("num_rows", "num_heads", "num_kv_heads", "group", "head_chunks", "log2_group_block",
+                 "log2_block_size", "stride_q_tok", "stride_q_head", "stride_bt", "num_splits", "has_kv_start"):
+        sig[name] = "i32"
+    for name in ("HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_M", "BLOCK_N", "SPLIT", "SEARCH", "INTERPRET"):
+        sig[name] = "constexpr"
+    return sig
+
+
+def _merge_signature(ty: str) -> dict[str, str]:
+    sig = {"out": f"*{ty}", "part_acc": "*fp32", "part_max": "*fp32", "part_sum": "*fp32", "cu_q_lens": "*i32",
+           "kv_lens": "*i32", "kv_start": "*i32", "num_heads": "i32", "num_splits": "i32", "has_kv_start": "i32"}
+    for name in ("HEAD_DIM", "HEAD_DIM_PAD", "SPLIT", "MERGE", "INTERPRET"):
+        sig[name] = "constexpr"
+    return sig
