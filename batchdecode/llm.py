@@ -1,0 +1,284 @@
+"""The LLM: prompts in, RequestOutputs out, via a schedule -> run -> postprocess loop."""
+from __future__ import annotations
+
+import operator
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
+
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer, decode_completion
+from .model_runner import ModelRunner
+from .models import load_model
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+Prompt = str | list[int] | dict
+_CPU_KV_CACHE_BYTES = 2 << 30     # default CPU pool cap
+_CPU_TOKENS_PER_SEQ = 512          # default CPU pool: max_num_seqs rows of this many tokens (within the cap)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    num_kv_blocks: int | None = None
+    kv_cache_memory_fraction: float = 0.9
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+
+
+class LLM:
+    """Batched generation with continuous batching over a paged KV cache.
+
+    model: a checkpoint folder (config.json, *.safetensors, and a tokenizer AutoTokenizer can load), or a
+    transformers model instance, whose weights are used in place (on its own device and dtype unless given).
+    tokenizer: a tokenizer or a folder; without one (an instance given alone, or a folder without tokenizer
+    files) prompts must be token ids, outputs have text "" and stop strings are refused.
+    device: CUDA when available, else CPU. dtype: bfloat16 on CUDA, float32 on CPU.
+    The KV pool holds num_kv_blocks pages of block_size tokens; by default, on CUDA it takes
+    kv_cache_memory_fraction of the memory free after loading the weights, less what a step of
+    max_num_batched_tokens tokens needs; on CPU it holds max_num_seqs x 512 tokens, capped at 2 GiB.
+    max_model_len (prompt + max_tokens) defaults to the longest context the model computes exactly.
+    """
+
+    def __init__(self, model: str | os.PathLike | PreTrainedModel, *, tokenizer=None, device=None, dtype=None,
+                 block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 max_model_len: int | None = None, num_kv_blocks: int | None = None,
+                 kv_cache_memory_fraction: float = 0.9):
+        self.config = EngineConfig(block_size, max_num_seqs, max_num_batched_tokens, max_model_len, num_kv_blocks,
+                                   kv_cache_memory_fraction)
+        device, dtype = _default_device_dtype(model, device, dtype)
+        self.model, self.hf_config = load_model(model, dtype=dtype, device=device)
+        self.tokenizer = _load_tokenizer(model, tokenizer)
+        self.eos_token_ids = _eos_token_ids(model, self.hf_config, self.tokenizer)
+        self.max_model_len = self._check_max_model_len(max_model_len)
+        weights = next(self.model.parameters())
+        self.model_runner = ModelRunner(self.model, block_size, weights.device, weights.dtype)
+        self.num_kv_blocks = num_kv_blocks or self._default_num_kv_blocks()
+        self.model_runner.allocate_kv_cache(self.num_kv_blocks)
+        self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, block_size), max_num_seqs, max_num_batched_tokens)
+
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; one RequestOutput per prompt, in input order.
+
+        Every request is checked before any work starts; a bad one raises ValueError naming its index.
+        """
+        seqs = self._make_sequences(prompts, sampling_params)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        outputs: list[RequestOutput | None] = [None] * len(seqs)
+        progress = _Progress(len(seqs), use_tqdm)
+        try:
+            while not self.scheduler.is_finished():
+                finished, num_prefill, num_decode = self.step()
+                for seq in finished:
+                    outputs[seq.index] = self._output(seq)
+                progress.update(len(finished), num_prefill, num_decode)
+        finally:
+            self.scheduler.abort_all()   # nothing left after a normal run; frees the pages after an error
+            progress.close()
+        return outputs
+
+    def step(self) -> tuple[list[Sequence], int, int]:
+        """One engine step. Returns the requests it finished and how many prefill and decode tokens it computed."""
+        batch = self.scheduler.schedule()
+        num_decode = sum(_is_decoding(seq) for seq in batch.seqs)
+        num_prefill = sum(batch.num_new_tokens) - num_decode
+        token_ids, logprobs = self.model_runner.run(batch)
+        finished = self.scheduler.postprocess(batch, token_ids, logprobs)
+        return finished, num_prefill, num_decode
+
+    # requests
+
+    def _make_sequences(self, prompts, sampling_params) -> list[Sequence]:
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        seqs = []
+        for index, (prompt, p) in enumerate(zip(prompts, params)):
+            text, token_ids = self._tokenize(index, prompt)
+            self._check_request(index, token_ids, p)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, p.stop) if p.stop else None
+            seqs.append(Sequence(index, text, token_ids, p, self.eos_token_ids, detokenizer))
+        return seqs
+
+    def _tokenize(self, index: int, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), _token_ids(index, prompt["prompt_token_ids"])
+            if "prompt" not in prompt:
+                raise ValueError(f"prompt {index}: a dict prompt needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt {index} is text, but this LLM has no tokenizer: pass token ids, or LLM(..., tokenizer=...)")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, _token_ids(index, prompt)
+
+    def _check_request(self, index: int, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError(f"prompt {index} is empty")
+        vocab_size = self.model.vocab_size
+        if not all(0 <= t < vocab_size for t in token_ids):
+            bad = next(t for t in token_ids if not 0 <= t < vocab_size)
+            raise ValueError(f"prompt {index}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt {index}: {len(token_ids)} prompt tokens + max_tokens={params.max_tokens} = {total} "
+                             f"exceeds max_model_len={self.max_model_len}")
+        # the last sampled token's K/V is never computed, so a request holds at most total - 1 tokens' pages
+        pages = -(-(total - 1) // self.config.block_size)
+        if pages > self.num_kv_blocks:
+            raise ValueError(f"prompt {index}: needs {pages} KV pages of {self.config.block_size} tokens, "
+                             f"more than the whole pool ({self.num_kv_blocks}); raise num_kv_blocks or lower max_tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"prompt {index}: stop strings need a tokenizer, and this LLM has none")
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        return RequestOutput(index=seq.index, prompt=seq.prompt, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+                             token_ids=seq.completion_token_ids, text=self._text(seq),
+                             finish_reason=seq.finish_reason, logprobs=seq.logprobs)
+
+    def _text(self, seq: Sequence) -> str:
+        if seq.detokenizer is not None:
+            return seq.detokenizer.text
+        if self.tokenizer is None:
+            return ""
+        completion = seq.completion_token_ids
+        if seq.stopped_by_token:   # EOS / stop tokens end the request without entering its text
+            completion = completion[:-1]
+        return decode_completion(self.tokenizer, seq.token_ids[:seq.num_prompt_tokens], completion)
+
+    # setup
+
+    def _check_max_model_len(self, max_model_len: int | None) -> int:
+        limit = self.model.max_position
+        if max_model_len is not None and max_model_len > limit:
+            raise ValueError(f"max_model_len={max_model_len} is longer than the model computes exactly ({limit})")
+        return max_model_len or limit
+
+    def _default_num_kv_blocks(self) -> int:
+        runner, cfg = self.model_runner, self.config
+        if runner.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(runner.device)   # what the weights left
+            step_bytes = runner.profile_peak_bytes(cfg.max_num_batched_tokens, cfg.max_num_seqs, self.max_model_len)
+            num_blocks = int((free * cfg.kv_cache_memory_fraction - step_bytes) // runner.bytes_per_block)
+            if num_blocks < 1:
+                raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free, a step needs "
+                                 f"{step_bytes / 2**30:.1f} GiB): lower max_num_batched_tokens or max_num_seqs")
+            return num_blocks
+        tokens = cfg.max_num_seqs * min(self.max_model_len, _CPU_TOKENS_PER_SEQ)
+        num_blocks = min(-(-tokens // cfg.block_size), _CPU_KV_CACHE_BYTES // runner.bytes_per_block)
+        return max(num_blocks, -(-self.max_model_len // cfg.block_size), 1)
+
+
+def _is_decoding(seq: Sequence) -> bool:
+    """Whether this step computes only the row's last generated token (as opposed to prompt or recompute work)."""
+    return seq.num_completion_tokens > 0 and seq.num_cached_tokens == len(seq) - 1
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                            and not isinstance(prompts[0], (str, dict, list, tuple, torch.Tensor))):
+        return [prompts]   # a single prompt (text, dict or token ids)
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a str, a list of token ids, a dict, or a list of those; got {type(prompts).__name__}")
+    return list(prompts)
+
+
+def _as_params_list(sampling_params, num_prompts: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        sampling_params = SamplingParams()
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * num_prompts
+    sampling_params = list(sampling_params)
+    if len(sampling_params) != num_prompts:
+        raise ValueError(f"{len(sampling_params)} sampling_params for {num_prompts} prompts: pass one, or one per prompt")
+    for index, p in enumerate(sampling_params):
+        if not isinstance(p, SamplingParams):
+            raise TypeError(f"sampling_params[{index}] is a {type(p).__name__}, not SamplingParams")
+    return sampling_params
+
+
+def _token_ids(index: int, token_ids) -> list[int]:
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.tolist()
+    if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__iter__"):
+        raise ValueError(f"prompt {index}: token ids must be a list of ints, got {type(token_ids).__name__}")
+    try:
+        return [operator.index(t) for t in token_ids]
+    except TypeError:
+        raise ValueError(f"prompt {index}: token ids must be ints, got {list(token_ids)[:8]}...") from None
+
+
+def _default_device_dtype(model, device, dtype) -> tuple[torch.device | None, torch.dtype | None]:
+    if isinstance(model, PreTrainedModel):   # an instance stays where and as it is unless told otherwise
+        return (None if device is None else torch.device(device)), dtype
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def _load_tokenizer(model, tokenizer):
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    source = tokenizer if tokenizer is not None else (None if isinstance(model, PreTrainedModel) else model)
+    if source is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        if tokenizer is not None:
+            raise ValueError(f"could not load the tokenizer from {str(tokenizer)!r}: {error}") from error
+        return None   # a checkpoint folder without tokenizer files: token-id prompts only
+
+
+def _eos_token_ids(model, hf_config, tokenizer) -> frozenset[int]:
+    """EOS ids from the generation config (a list for some models), the model config and the tokenizer."""
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is None and isinstance(model, (str, os.PathLike)) and (Path(model) / "generation_config.json").is_file():
+        generation_config = GenerationConfig.from_pretrained(model)
+    ids = set()
+    for source in (generation_config, hf_config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return frozenset(ids)
+
+
+class _Progress:
+    """A tqdm bar over finished requests, with prefill and decode throughput in its postfix."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = tqdm(total=total, desc="Generating", unit="req", disable=not enabled, dynamic_ncols=True)
+        self.start = time.perf_counter()
+        self.prefill_tokens = self.decode_tokens = 0
+
+    def update(self, num_finished: int, num_prefill: int, num_decode: int) -> None:
+        self.prefill_tokens += num_prefill
+        self.decode_tokens += num_decode
+        if self.bar.disable:
+            return
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"prefill {self.prefill_tokens / elapsed:.0f} tok/s, "
+                                 f"decode {self.decode_tokens / elapsed:.0f} tok/s", refresh=False)
+        self.bar.update(num_finished)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,151 @@
+"""One engine step on the device: scheduled rows -> ForwardBatch -> model -> sampler -> token ids on the host.
+
+The metadata is built with a few vectorised ops on small CPU tensors made from per-row ints, then moved with
+one copy (from pinned memory on CUDA). The sampled token ids coming back are the step's only host sync.
+"""
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+from torch import Tensor, nn
+
+from .batch import ForwardBatch
+from .block_manager import BlockManager
+from .outputs import TokenLogprobs
+from .sampler import SamplerOutput, SamplingTensors, sample, seed_keys
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, block_size: int, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.dtype = dtype
+        self.kv_caches: list[tuple[Tensor, Tensor]] = []
+
+    @property
+    def bytes_per_block(self) -> int:
+        m = self.model
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = []   # free the old pool first
+        shape = (num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(self.model.num_layers)]
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Compute the scheduled tokens; return the sampled token (and logprobs) of each row in batch.sampled_seqs."""
+        sampled_seqs = batch.sampled_seqs
+        logits = self.model(self.prepare_inputs(batch), self.kv_caches)
+        if not sampled_seqs:
+            return [], []
+        output = sample(logits, self.prepare_sampling(sampled_seqs))
+        return self._to_host(sampled_seqs, output)
+
+    def prepare_inputs(self, batch: ScheduledBatch) -> ForwardBatch:
+        seqs, q_lens = batch.seqs, batch.num_new_tokens
+        starts = [seq.num_cached_tokens for seq in seqs]
+        input_ids = torch.tensor(list(chain.from_iterable(
+            seq.token_ids[start:start + n] for seq, start, n in zip(seqs, starts, q_lens))), dtype=torch.int64)
+        q_lens_t = torch.tensor(q_lens, dtype=torch.int64)
+        starts_t = torch.tensor(starts, dtype=torch.int64)
+        cu_q_lens = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+        torch.cumsum(q_lens_t, 0, out=cu_q_lens[1:])
+        kv_lens = starts_t + q_lens_t
+        # token t of row s sits at position starts[s] + (t - cu_q_lens[s])
+        row_of_token = torch.repeat_interleave(torch.arange(len(seqs)), q_lens_t)
+        positions = torch.arange(len(input_ids)) + (starts_t - cu_q_lens[:-1])[row_of_token]
+        max_pages = max(len(seq.block_table) for seq in seqs)
+        block_table = torch.tensor([seq.block_table + [0] * (max_pages - len(seq.block_table)) for seq in seqs],
+                                   dtype=torch.int64)
+        pages = block_table[row_of_token, positions // self.block_size]
+        slot_mapping = pages * self.block_size + positions % self.block_size
+        # a row samples when this step reaches its last token; its logits come from that token
+        samples = kv_lens == torch.tensor([len(seq) for seq in seqs], dtype=torch.int64)
+        logits_indices = (cu_q_lens[1:] - 1)[samples]
+        input_ids, positions, slot_mapping, cu_q_lens, kv_lens, logits_indices, block_table = self._to_device(
+            input_ids, positions, slot_mapping, cu_q_lens, kv_lens, logits_indices, block_table)
+        return ForwardBatch(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+                            block_table=block_table.to(torch.int32),
+                            cu_q_lens=cu_q_lens.to(torch.int32), kv_lens=kv_lens.to(torch.int32),
+                            logits_indices=logits_indices)
+
+    def prepare_sampling(self, seqs: list[Sequence]) -> SamplingTensors:
+        params: list[SamplingParams] = [seq.params for seq in seqs]
+        vocab_size = self.model.vocab_size
+        floats = torch.tensor([[p.temperature, p.top_p, p.min_p] for p in params], dtype=torch.float32)
+        top_ks = torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params])
+        banned = [(row, token) for row, seq in enumerate(seqs)
+                  if seq.num_completion_tokens < seq.params.min_tokens for token in seq.stop_token_ids]
+        seeded = [(row, *seed_keys(p.seed, seq.num_completion_tokens))
+                  for row, (seq, p) in enumerate(zip(seqs, params)) if p.seed is not None and p.temperature > 0]
+        (floats,) = self._to_device(floats)
+        top_ks, banned_t, seeded_t = self._to_device(
+            top_ks, torch.tensor(banned, dtype=torch.int64).view(-1, 2), torch.tensor(seeded, dtype=torch.int64).view(-1, 3))
+        temperatures, top_ps, min_ps = floats.unbind(1)
+        logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        return SamplingTensors(
+            temperatures=temperatures,
+            all_greedy=all(p.temperature == 0 for p in params),
+            top_ks=top_ks if any(0 < p.top_k < vocab_size for p in params) else None,
+            top_ps=top_ps if any(p.top_p < 1 for p in params) else None,
+            min_ps=min_ps if any(p.min_p > 0 for p in params) else None,
+            banned_rows=banned_t[:, 0] if banned else None,
+            banned_tokens=banned_t[:, 1] if banned else None,
+            seeded_rows=seeded_t[:, 0] if seeded else None,
+            seeded_keys=seeded_t[:, 1:] if seeded else None,
+            max_logprobs=min(max(logprobs), vocab_size) if logprobs else None)
+
+    def _to_device(self, *tensors: Tensor) -> list[Tensor]:
+        """Move small CPU tensors of one dtype to the device in one copy (non-blocking, from pinned memory)."""
+        if self.device.type == "cpu":
+            return list(tensors)
+        flat = torch.cat([t.flatten() for t in tensors]).pin_memory().to(self.device, non_blocking=True)
+        return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    def _to_host(self, seqs: list[Sequence], output: SamplerOutput) -> tuple[list[int], list[TokenLogprobs | None]]:
+        tensors = [output.token_ids]
+        if output.logprobs is not None:
+            tensors += [output.logprobs, output.top_token_ids, output.top_logprobs]
+        host = [t.to("cpu", non_blocking=True) for t in tensors]
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()   # the step's one host sync
+        token_ids = host[0].tolist()
+        if output.logprobs is None:
+            return token_ids, [None] * len(seqs)
+        chosen, top_ids, top_lps = (t.tolist() for t in host[1:])
+        logprobs = [None if seq.params.logprobs is None else
+                    TokenLogprobs(token_ids[i], chosen[i], dict(zip(top_ids[i][:seq.params.logprobs],
+                                                                     top_lps[i][:seq.params.logprobs])))
+                    for i, seq in enumerate(seqs)]
+        return token_ids, logprobs
+
+    def profile_peak_bytes(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
+        """Device memory a step of the largest size takes beyond the weights and KV cache (CUDA only).
+
+        Runs one dummy step the scheduler could build: max_num_batched_tokens prompt tokens over as many rows
+        as may sample together, each with top-k, top-p, min-p and logprobs, so the sampler's copies count too.
+        """
+        num_rows = max(min(max_num_seqs, max_num_batched_tokens), -(-max_num_batched_tokens // max_model_len))
+        lengths = [max_num_batched_tokens // num_rows + (i < max_num_batched_tokens % num_rows) for i in range(num_rows)]
+        params = SamplingParams(top_k=50, top_p=0.9, min_p=0.01, logprobs=20)
+        seqs = [Sequence(i, None, [0] * n, params, frozenset(), None) for i, n in enumerate(lengths)]
+        block_manager = BlockManager(sum(-(-n // self.block_size) for n in lengths), self.block_size)
+        for seq in seqs:
+            block_manager.allocate(seq, len(seq))
+        self.allocate_kv_cache(block_manager.num_blocks)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.run(ScheduledBatch(seqs, lengths))
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        return peak

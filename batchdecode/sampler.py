@@ -1,0 +1,122 @@
+"""Next-token sampling on the device, vectorised across rows that each carry their own parameters.
+
+Order, as in transformers: min_tokens masking, then greedy rows take the argmax; the others divide by their
+temperature, keep their top-k, then top-p, then min-p tokens, and draw with the exponential race: argmax of
+probs / E with E ~ Exp(1) per token, which picks token i with probability probs[i]. A seeded row's E comes
+from a counter-based hash of (seed, token index in the request, vocab id), so its draw never depends on what
+else is in the batch or how many steps the batch took; unseeded rows use torch's global generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """Per-row sampling parameters on the logits' device; a filter no row uses is None."""
+
+    temperatures: Tensor            # [N] float32, 0 = greedy
+    all_greedy: bool
+    top_ks: Tensor | None = None    # [N] int64, vocab size where off
+    top_ps: Tensor | None = None    # [N] float32, 1 where off
+    min_ps: Tensor | None = None    # [N] float32, 0 where off
+    banned_rows: Tensor | None = None     # (row, token) pairs masked to -inf: EOS/stop ids before min_tokens
+    banned_tokens: Tensor | None = None
+    seeded_rows: Tensor | None = None     # [Ns] int64, rows sampled from their own seed
+    seeded_keys: Tensor | None = None     # [Ns, 2] int64, two 32-bit keys per seeded row (from seed_keys)
+    max_logprobs: int | None = None       # largest logprobs N asked for in the batch; None = none asked
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: Tensor                    # [N] int64
+    logprobs: Tensor | None = None       # [N] float32, the chosen tokens' raw logprobs
+    top_token_ids: Tensor | None = None  # [N, max_logprobs] int64
+    top_logprobs: Tensor | None = None   # [N, max_logprobs] float32
+
+
+def sample(logits: Tensor, params: SamplingTensors) -> SamplerOutput:
+    """Draw one token per row of logits [N, vocab] (float32)."""
+    raw_logprobs = logits.log_softmax(-1) if params.max_logprobs is not None else None
+    if params.banned_rows is not None:
+        logits = logits.index_put((params.banned_rows, params.banned_tokens), torch.tensor(float("-inf"), device=logits.device))
+    token_ids = logits.argmax(-1)
+    if not params.all_greedy:
+        token_ids = torch.where(params.temperatures == 0, token_ids, _sample_random(logits, params))
+    if raw_logprobs is None:
+        return SamplerOutput(token_ids)
+    top_logprobs, top_token_ids = raw_logprobs.topk(params.max_logprobs, dim=-1)
+    chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    return SamplerOutput(token_ids, chosen, top_token_ids, top_logprobs)
+
+
+def _sample_random(logits: Tensor, params: SamplingTensors) -> Tensor:
+    temperatures = torch.where(params.temperatures == 0, 1.0, params.temperatures)
+    logits = logits / temperatures.unsqueeze(1)
+    if params.top_ks is not None or params.top_ps is not None:
+        logits = _top_k_top_p(logits, params.top_ks, params.top_ps)
+    probs = logits.softmax(-1)
+    if params.min_ps is not None:
+        threshold = params.min_ps.unsqueeze(1) * probs.amax(-1, keepdim=True)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return (probs / _exponential_noise(probs, params)).argmax(-1)
+
+
+def _top_k_top_p(logits: Tensor, top_ks: Tensor | None, top_ps: Tensor | None) -> Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if top_ks is not None:
+        # Keep every token at least as likely as the k-th (ties stay, as in transformers).
+        kth = sorted_logits.gather(1, (top_ks - 1).clamp(0, logits.shape[-1] - 1).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if top_ps is not None:
+        # Keep the most likely tokens until their mass reaches top_p (the most likely one always stays).
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_ps.unsqueeze(1), float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _exponential_noise(probs: Tensor, params: SamplingTensors) -> Tensor:
+    noise = torch.empty_like(probs).exponential_()
+    # exponential_ can return 0, and p / 0 would beat every real draw (0 / 0 is NaN, which argmax prefers).
+    noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+    if params.seeded_rows is not None:
+        noise[params.seeded_rows] = _hashed_exponential(params.seeded_keys, probs.shape[-1])
+    return noise
+
+
+def _hashed_exponential(keys: Tensor, vocab_size: int) -> Tensor:
+    """Exp(1) noise [Ns, vocab] that is a pure function of each row's keys and the vocab id."""
+    vocab = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    bits = _fmix32(_fmix32(vocab.unsqueeze(0) ^ keys[:, :1]) ^ keys[:, 1:])
+    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))   # 24 bits, strictly inside (0, 1)
+    return -torch.log(uniform)
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    # murmur3's finaliser on 32-bit values held in int64: a bijection whose every output bit depends on every
+    # input bit. Products overflow int64 and wrap, which keeps the low 32 bits exact.
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def seed_keys(seed: int, step: int) -> tuple[int, int]:
+    """The two 32-bit hash keys of a seeded request's step-th generated token (computed on the host)."""
+    key = _splitmix64(_splitmix64(seed & _MASK64) ^ step)
+    return key & _MASK32, key >> 32
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)

@@ -1,0 +1,65 @@
+"""How one request is sampled and when it stops (vLLM's names and meanings)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """temperature=0 is greedy. top_k=0 and top_p=1 and min_p=0 switch those filters off.
+
+    stop: strings that end the request when they appear in the generated text; the text is cut before the
+    stop string, while token_ids keep every token up to and including the one that completed it.
+    stop_token_ids: token ids that end the request (kept in token_ids, left out of the text, like EOS).
+    min_tokens: EOS and stop_token_ids are masked out, and stop strings ignored, until this many tokens exist.
+    seed: a seeded request's samples depend only on (seed, token index), never on the rest of the batch.
+    logprobs: for each generated token, its log-probability and the `logprobs` most likely tokens', under the
+    model's raw distribution (log_softmax of the logits before temperature, top-k/p, min-p, min_tokens).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate()
+
+    def _validate(self):
+        checks = [
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an int >= 0 (0 = off), got {self.top_k}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (_is_int(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an int >= 1, got {self.max_tokens}"),
+            (_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
+            (all(isinstance(s, str) and s for s in self.stop), f"stop must hold non-empty strings, got {self.stop}"),
+            (all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+             f"stop_token_ids must hold ints >= 0, got {self.stop_token_ids}"),
+            (self.seed is None or _is_int(self.seed), f"seed must be an int or None, got {self.seed!r}"),
+            (self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+             f"logprobs must be an int >= 0 or None, got {self.logprobs}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -1,0 +1,65 @@
+"""One request as the engine sees it: its tokens, its pages, how far its K/V are computed, and when it stops."""
+from __future__ import annotations
+
+from enum import Enum, auto
+
+from .detokenizer import IncrementalDetokenizer
+from .outputs import TokenLogprobs
+from .sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    def __init__(self, index: int, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 eos_token_ids: frozenset[int], detokenizer: IncrementalDetokenizer | None):
+        self.index = index
+        self.prompt = prompt
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        # The token ids that end this request, and that min_tokens masks out until it is reached.
+        self.stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)
+        self.detokenizer = detokenizer   # only for requests with stop strings; others are decoded once at the end
+        self.status = SequenceStatus.WAITING
+        self.num_cached_tokens = 0    # tokens whose K/V sit in this row's pages
+        self.block_table: list[int] = []
+        self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stopped_by_token = False  # ended by EOS or a stop token, which the text leaves out
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncached_tokens(self) -> int:
+        return len(self.token_ids) - self.num_cached_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
+        """Add a sampled token and decide whether the request ends with it (sets finish_reason)."""
+        self.token_ids.append(token_id)
+        if self.logprobs is not None:
+            self.logprobs.append(logprobs)
+        can_stop = self.num_completion_tokens >= self.params.min_tokens
+        if can_stop and token_id in self.stop_token_ids:
+            self.finish_reason, self.stopped_by_token = "stop", True
+        elif self.detokenizer is not None and self.detokenizer.append(token_id, check_stop=can_stop):
+            self.finish_reason = "stop"
+        elif self.num_completion_tokens >= self.params.max_tokens:
+            self.finish_reason = "length"
