@@ -104,7 +104,7 @@ def batchdecode_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     num_kv_heads = key.shape[1]
     if attention_mask is None:  # a model that builds no mask: no padding, queries are the last slots
         attention_mask = torch.ones(batch, key.shape[2], dtype=torch.bool, device=query.device)
-    pages = RowPages.build(attention_mask, q_len, num_kv_heads)
+    pages = RowPages.build(attention_mask, q_len, num_kv_heads, key.shape[2])
     q = pages.pack_queries(query)
     out = kernels.paged_attention(q, pages.view(key), pages.view(value), pages.block_table, pages.cu_q_lens,
                                   pages.kv_lens, kv_start=pages.kv_start, scale=scaling)
@@ -127,45 +127,54 @@ def _check_call(query: Tensor, key: Tensor, attention_mask, dropout: float, kwar
 
 @dataclass(slots=True)
 class RowPages:
-    """transformers' padded cache seen as pages: one page per (row, KV head), holding that row's whole cache.
+    """transformers' padded cache seen as pages, without a copy.
 
-    key [B, KVH, kv, D] is contiguous, so key.reshape(B * KVH, kv, 1, D) is a view: the kernel reads the
-    model's cache in place, no copy. Each page is a sequence of its own with one KV head and the GQA group of
-    query heads that share it. Real queries are packed to the front (pad queries never reach the kernel).
+    key [B, KVH, kv, D] is contiguous, so key.reshape(B * KVH * kv / page, page, 1, D) is a view: each
+    (row, KV head) is a sequence of its own, with one KV head and the GQA group of query heads that share it,
+    whose pages are consecutive. The page size is the largest power of two (<= 256) dividing kv, as the kernel
+    needs; it changes nothing in the arithmetic (tokens are gathered per slot either way).
+
+    Real queries are packed first, in sequence order. Pad queries go to one extra sequence with no KV slot,
+    for which the kernel reads nothing and outputs zeros; all shapes are known without a host sync.
     """
 
-    block_table: Tensor  # [S, 1] int32, S = B * KVH: sequence s reads page s
-    cu_q_lens: Tensor  # [S + 1] int32
-    kv_lens: Tensor  # [S] int32: one past each row's last real slot
-    kv_start: Tensor  # [S] int32: each row's first real slot
-    order: Tensor  # [S * q] int64: token order with each sequence's real queries first, in row order
+    block_table: Tensor  # [S + 1, pages per row] int32, S = B * KVH; the last row is the pad sequence's
+    cu_q_lens: Tensor  # [S + 2] int32
+    kv_lens: Tensor  # [S + 1] int32: one past each row's last real slot; 0 for the pad sequence
+    kv_start: Tensor  # [S + 1] int32: each row's first real slot
+    order: Tensor  # [S * q] int64: token order with each sequence's real queries first, pad queries last
     real: Tensor  # [S * q] bool: whether token (s, j) is a real query
     num_kv_heads: int
+    page_size: int
 
     @classmethod
-    def build(cls, mask: Tensor, q_len: int, num_kv_heads: int) -> "RowPages":
+    def build(cls, mask: Tensor, q_len: int, num_kv_heads: int, kv_len: int) -> "RowPages":
+        device = mask.device
         start, count = _run_bounds(mask)
-        end = start + count
         # Query j of a row sits at slot K - q_len + j; it is real iff the mask says so.
         real = mask[:, mask.shape[1] - q_len:].repeat_interleave(num_kv_heads, dim=0)  # [S, q]
-        per_seq = lambda t: t.to(torch.int32).repeat_interleave(num_kv_heads)  # noqa: E731
         num_seqs = real.shape[0]
-        cu_q_lens = torch.zeros(num_seqs + 1, dtype=torch.int32, device=mask.device)
-        cu_q_lens[1:] = real.sum(dim=1).cumsum(0)
+        q_counts = torch.cat([real.sum(dim=1), (~real).sum().view(1)])
+        cu_q_lens = torch.zeros(num_seqs + 2, dtype=torch.int32, device=device)
+        cu_q_lens[1:] = q_counts.cumsum(0)
+        pad_seq = torch.zeros(1, dtype=torch.int32, device=device)
+        per_seq = lambda t: torch.cat([t.to(torch.int32).repeat_interleave(num_kv_heads), pad_seq])  # noqa: E731
+        page_size = min(kv_len & -kv_len, 256)
+        pages_per_seq = kv_len // page_size
+        block_table = torch.arange(num_seqs * pages_per_seq, dtype=torch.int32, device=device)
+        block_table = torch.cat([block_table.view(num_seqs, pages_per_seq),
+                                 torch.zeros(1, pages_per_seq, dtype=torch.int32, device=device)])
         real = real.flatten()
-        return cls(
-            block_table=torch.arange(num_seqs, dtype=torch.int32, device=mask.device).view(-1, 1),
-            cu_q_lens=cu_q_lens, kv_lens=per_seq(end), kv_start=per_seq(start),
-            order=torch.argsort((~real).to(torch.uint8), stable=True), real=real, num_kv_heads=num_kv_heads)
+        return cls(block_table=block_table, cu_q_lens=cu_q_lens, kv_lens=per_seq(start + count),
+                   kv_start=per_seq(start), order=torch.argsort((~real).to(torch.uint8), stable=True), real=real,
+                   num_kv_heads=num_kv_heads, page_size=page_size)
 
-    @staticmethod
-    def view(cache: Tensor) -> Tensor:
-        """[B, KVH, kv, D] -> [B * KVH, kv, 1, D] pages (a view when the cache is contiguous, as HF's is)."""
-        batch, num_kv_heads, kv_len, head_dim = cache.shape
-        return cache.reshape(batch * num_kv_heads, kv_len, 1, head_dim)
+    def view(self, cache: Tensor) -> Tensor:
+        """[B, KVH, kv, D] -> [B * KVH * kv / page, page, 1, D] (a view when the cache is contiguous, as HF's is)."""
+        return cache.reshape(-1, self.page_size, 1, cache.shape[-1])
 
     def pack_queries(self, query: Tensor) -> Tensor:
-        """[B, H, q, D] -> [S * q, group, D], real queries first (the tail past cu_q_lens[-1] is ignored)."""
+        """[B, H, q, D] -> [S * q, group, D], real queries first."""
         batch, num_heads, q_len, head_dim = query.shape
         group = num_heads // self.num_kv_heads
         tokens = query.reshape(batch, self.num_kv_heads, group, q_len, head_dim).transpose(2, 3)
@@ -175,8 +184,8 @@ class RowPages:
         """[S * q, group, D] packed -> [B, q, H, D]; pad queries get 0."""
         tokens = torch.empty_like(out)
         tokens[self.order] = out
-        tokens = tokens.masked_fill(~self.real[:, None, None], 0)
-        num_seqs = self.kv_lens.shape[0]
+        tokens = tokens.masked_fill(~self.real[:, None, None], 0)  # already 0 from the kernel; NaN-proof anyway
+        num_seqs = self.kv_lens.shape[0] - 1
         batch, q_len = num_seqs // self.num_kv_heads, tokens.shape[0] // num_seqs
         tokens = tokens.view(batch, self.num_kv_heads, q_len, -1, head_dim).transpose(1, 2)
         return tokens.reshape(batch, q_len, num_heads, head_dim)
