@@ -1,7 +1,7 @@
 """Rotary embedding of q and k in place, fused with writing k and v to their paged-cache slots.
 
-Grid: (token, head block). The first blocks of axis 1 cover q's heads; the rest cover k's heads, and those
-also copy v. A token whose slot is negative (a pad) is rotated but never stored.
+One program per token: it rotates the token's q heads, then its k heads, BLOCK heads at a time, and writes
+k (rotated) and v to the token's cache slot. A token whose slot is negative is rotated but never stored.
 """
 from __future__ import annotations
 
@@ -13,35 +13,45 @@ from .compile_spec import CompileSpec
 
 
 @triton.jit
-def _rotate(rows, heads, cos_sin_row, ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, NEOX: tl.constexpr):
-    """Rotate the first ROTARY_DIM features of heads at pointers rows [BLOCK_H], in fp32.
+def _cos_sin(cos_sin_row, ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, NEOX: tl.constexpr):
+    """cos and sin of one position, laid out to multiply the tile _rotate loads (sin carries the sign)."""
+    HALF: tl.constexpr = ROTARY_DIM // 2
+    if NEOX:  # features [x1 | x2] with partners [x2 | x1]: out = x * cos + partner * [-sin | sin]
+        c = tl.arange(0, 2 * HALF_PAD)
+        i = c % HALF_PAD
+        cos = tl.load(cos_sin_row + i, mask=i < HALF, other=0.0)
+        sin = tl.load(cos_sin_row + HALF + i, mask=i < HALF, other=0.0)
+        sin = tl.where(c >= HALF_PAD, sin, -sin)
+    else:  # pairs (x1, x2) split in registers: cos and sin per pair
+        i = tl.arange(0, HALF_PAD)
+        cos = tl.load(cos_sin_row + i, mask=i < HALF, other=0.0)
+        sin = tl.load(cos_sin_row + HALF + i, mask=i < HALF, other=0.0)
+    return cos[None, :], sin[None, :]
 
-    Returns (out, features, mask): out[h, j] belongs at rows[h] + features[j]. Loads stay contiguous in
-    both layouts: NEOX reads the tile and its rotate_half partner tile (the second read hits L1); GPT-J reads
+
+@triton.jit
+def _rotate(rows, heads, cos, sin, ROTARY_DIM: tl.constexpr, HALF_PAD: tl.constexpr, NEOX: tl.constexpr):
+    """Rotate the first ROTARY_DIM features of the heads at pointers rows [BLOCK], in fp32.
+
+    Returns (out, features, mask): out[h, j] belongs at rows[h] + features[j]. Loads stay contiguous in both
+    layouts: NEOX (rotate_half) reads the tile and its partner tile (the second read hits L1); GPT-J reads
     interleaved pairs once and splits them in registers.
     """
     HALF: tl.constexpr = ROTARY_DIM // 2
     c = tl.arange(0, 2 * HALF_PAD)
     if NEOX:
-        upper = c >= HALF_PAD
         i = c % HALF_PAD
-        features = i + upper.to(tl.int32) * HALF
-        partners = i + (1 - upper.to(tl.int32)) * HALF
+        upper = (c >= HALF_PAD).to(tl.int32)
+        features = i + upper * HALF
         mask = heads[:, None] & (i < HALF)[None, :]
-        cos = tl.load(cos_sin_row + i, mask=i < HALF, other=0.0)
-        sin = tl.load(cos_sin_row + HALF + i, mask=i < HALF, other=0.0)
-        sin = tl.where(upper, sin, -sin)  # rotate_half(x) = [-x2, x1]
         x = tl.load(rows[:, None] + features[None, :], mask=mask, other=0.0).to(tl.float32)
-        x_partner = tl.load(rows[:, None] + partners[None, :], mask=mask, other=0.0).to(tl.float32)
-        out = x * cos[None, :] + x_partner * sin[None, :]
+        partner = tl.load(rows[:, None] + (i + (1 - upper) * HALF)[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = x * cos + partner * sin
     else:
         features = c
         mask = heads[:, None] & (c < ROTARY_DIM)[None, :]
         x = tl.load(rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
         x1, x2 = tl.split(tl.reshape(x, (x.shape[0], HALF_PAD, 2)))
-        i = tl.arange(0, HALF_PAD)
-        cos = tl.load(cos_sin_row + i, mask=i < HALF, other=0.0)[None, :]
-        sin = tl.load(cos_sin_row + HALF + i, mask=i < HALF, other=0.0)[None, :]
         out = tl.reshape(tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin), (x.shape[0], 2 * HALF_PAD))
     return out, features, mask
 
@@ -52,63 +62,61 @@ def _rope_and_store_kv_kernel(
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_cos_sin_pos, stride_cache_slot, stride_cache_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr,
-    NEOX: tl.constexpr, BLOCK_H: tl.constexpr, HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr,
-    DIM_PAD: tl.constexpr,
+    NEOX: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, HALF_PAD: tl.constexpr,
+    PASS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
-    Q_BLOCKS: tl.constexpr = (NUM_HEADS + BLOCK_H - 1) // BLOCK_H
     position = tl.load(positions_ptr + token).to(tl.int64)
-    cos_sin_row = cos_sin_ptr + position * stride_cos_sin_pos
+    cos, sin = _cos_sin(cos_sin_ptr + position * stride_cos_sin_pos, ROTARY_DIM, HALF_PAD, NEOX)
 
-    if block < Q_BLOCKS:
-        head = block * BLOCK_H + tl.arange(0, BLOCK_H)
+    for first_head in range(0, NUM_HEADS, BLOCK_Q):
+        head = first_head + tl.arange(0, BLOCK_Q)
         rows = q_ptr + token * stride_q_token + head * stride_q_head
-        out, features, mask = _rotate(rows, head < NUM_HEADS, cos_sin_row, ROTARY_DIM, HALF_PAD, NEOX)
-        tl.store(rows[:, None] + features[None, :], out.to(q_ptr.dtype.element_ty), mask=mask)
-    else:
-        head = (block - Q_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+        q, features, mask = _rotate(rows, head < NUM_HEADS, cos, sin, ROTARY_DIM, HALF_PAD, NEOX)
+        tl.store(rows[:, None] + features[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    for first_head in range(0, NUM_KV_HEADS, BLOCK_KV):
+        head = first_head + tl.arange(0, BLOCK_KV)
         heads = head < NUM_KV_HEADS
         rows = k_ptr + token * stride_k_token + head * stride_k_head
-        rotated, features, mask = _rotate(rows, heads, cos_sin_row, ROTARY_DIM, HALF_PAD, NEOX)
-        k_rotated = rotated.to(k_ptr.dtype.element_ty)
-        tl.store(rows[:, None] + features[None, :], k_rotated, mask=mask)
-
-        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-        store = slot >= 0
-        cache_rows = slot * stride_cache_slot + head * stride_cache_head
-        k_cache_rows = k_cache_ptr + cache_rows
-        tl.store(k_cache_rows[:, None] + features[None, :], k_rotated.to(k_cache_ptr.dtype.element_ty),
-                 mask=mask & store)
-        if PASS_PAD > 0:  # features past rotary_dim go to the cache unrotated
-            d = ROTARY_DIM + tl.arange(0, PASS_PAD)
-            pass_mask = heads[:, None] & (d < HEAD_DIM)[None, :] & store
-            k_pass = tl.load(rows[:, None] + d[None, :], mask=pass_mask)
-            tl.store(k_cache_rows[:, None] + d[None, :], k_pass.to(k_cache_ptr.dtype.element_ty), mask=pass_mask)
-
-        d = tl.arange(0, DIM_PAD)
-        v_mask = heads[:, None] & (d < HEAD_DIM)[None, :] & store
-        v = tl.load(v_ptr + token * stride_v_token + head[:, None] * stride_v_head + d[None, :], mask=v_mask)
-        tl.store(v_cache_ptr + cache_rows[:, None] + d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+        k, features, mask = _rotate(rows, heads, cos, sin, ROTARY_DIM, HALF_PAD, NEOX)
+        k = k.to(k_ptr.dtype.element_ty)
+        tl.store(rows[:, None] + features[None, :], k, mask=mask)
+        if slot >= 0:
+            cache_rows = slot * stride_cache_slot + head * stride_cache_head
+            k_cache_rows = k_cache_ptr + cache_rows
+            tl.store(k_cache_rows[:, None] + features[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            if PASS_PAD > 0:  # features past rotary_dim go to the cache unrotated
+                d = ROTARY_DIM + tl.arange(0, PASS_PAD)
+                pass_mask = heads[:, None] & (d < HEAD_DIM)[None, :]
+                k_pass = tl.load(rows[:, None] + d[None, :], mask=pass_mask)
+                tl.store(k_cache_rows[:, None] + d[None, :], k_pass.to(k_cache_ptr.dtype.element_ty), mask=pass_mask)
+            d = tl.arange(0, DIM_PAD)
+            v_mask = heads[:, None] & (d < HEAD_DIM)[None, :]
+            v = tl.load(v_ptr + token * stride_v_token + head[:, None] * stride_v_head + d[None, :], mask=v_mask)
+            tl.store(v_cache_ptr + cache_rows[:, None] + d[None, :], v.to(v_cache_ptr.dtype.element_ty),
+                     mask=v_mask)
 
 
 @triton.jit
 def _store_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_k_token, stride_k_head, stride_v_token, stride_v_head, stride_cache_slot, stride_cache_head,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, DIM_PAD: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_KV: tl.constexpr, DIM_PAD: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
-        head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         d = tl.arange(0, DIM_PAD)
-        mask = (head < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
-        cache = slot * stride_cache_slot + head[:, None] * stride_cache_head + d[None, :]
-        k = tl.load(k_ptr + token * stride_k_token + head[:, None] * stride_k_head + d[None, :], mask=mask)
-        tl.store(k_cache_ptr + cache, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        v = tl.load(v_ptr + token * stride_v_token + head[:, None] * stride_v_head + d[None, :], mask=mask)
-        tl.store(v_cache_ptr + cache, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        for first_head in range(0, NUM_KV_HEADS, BLOCK_KV):
+            head = first_head + tl.arange(0, BLOCK_KV)
+            mask = (head < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+            cache = slot * stride_cache_slot + head[:, None] * stride_cache_head + d[None, :]
+            k = tl.load(k_ptr + token * stride_k_token + head[:, None] * stride_k_head + d[None, :], mask=mask)
+            tl.store(k_cache_ptr + cache, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            v = tl.load(v_ptr + token * stride_v_token + head[:, None] * stride_v_head + d[None, :], mask=mask)
+            tl.store(v_cache_ptr + cache, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launch configuration ----------------------------------------------------------------------------------
@@ -117,29 +125,28 @@ def _pad(n: int) -> int:
     return triton.next_power_of_2(n) if n > 0 else 0
 
 
-def _block_heads(num_kv_heads: int, width: int) -> int:
-    """Heads per program: all of k's heads when they fit in 2K elements, so k takes one program a token."""
-    return max(1, min(triton.next_power_of_2(num_kv_heads), 2048 // width))
+def _block_heads(num_heads: int, head_dim: int) -> int:
+    """Heads a loop iteration covers: all of them when they fit in 2K elements (the cap keeps registers low)."""
+    return max(1, min(triton.next_power_of_2(num_heads), 2048 // _pad(head_dim)))
 
 
-def _num_warps(block_h: int, width: int) -> int:
-    return max(1, min(4, block_h * width // 512))
+def _num_warps(block_heads: int, head_dim: int) -> int:
+    return max(1, min(4, block_heads * _pad(head_dim) // 512))
 
 
 def _rope_config(num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int, neox_style: bool):
     """(constexprs, num_warps) the launcher picks; compile_specs() reuses it so the two never drift."""
-    half_pad = _pad(rotary_dim // 2)
-    block_h = _block_heads(num_kv_heads, _pad(head_dim))
+    block_q, block_kv = _block_heads(num_heads, head_dim), _block_heads(num_kv_heads, head_dim)
     constexprs = dict(NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim,
-                      NEOX=neox_style, BLOCK_H=block_h, HALF_PAD=half_pad, PASS_PAD=_pad(head_dim - rotary_dim),
-                      DIM_PAD=_pad(head_dim))
-    return constexprs, _num_warps(block_h, _pad(head_dim))
+                      NEOX=neox_style, BLOCK_Q=block_q, BLOCK_KV=block_kv, HALF_PAD=_pad(rotary_dim // 2),
+                      PASS_PAD=_pad(head_dim - rotary_dim), DIM_PAD=_pad(head_dim))
+    return constexprs, _num_warps(max(block_q, block_kv), head_dim)
 
 
 def _store_config(num_kv_heads: int, head_dim: int):
-    block_h = _block_heads(num_kv_heads, _pad(head_dim))
-    constexprs = dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=block_h, DIM_PAD=_pad(head_dim))
-    return constexprs, _num_warps(block_h, _pad(head_dim))
+    block_kv = _block_heads(num_kv_heads, head_dim)
+    constexprs = dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_KV=block_kv, DIM_PAD=_pad(head_dim))
+    return constexprs, _num_warps(block_kv, head_dim)
 
 
 def _check_head_tensor(name: str, t: Tensor, num_tokens: int, head_dim: int) -> None:
@@ -189,9 +196,7 @@ def rope_and_store_kv(
     if num_tokens == 0:
         return q, k
     constexprs, num_warps = _rope_config(num_heads, num_kv_heads, head_dim, rotary_dim, neox_style)
-    block_h = constexprs["BLOCK_H"]
-    grid = (num_tokens, triton.cdiv(num_heads, block_h) + triton.cdiv(num_kv_heads, block_h))
-    _rope_and_store_kv_kernel[grid](
+    _rope_and_store_kv_kernel[(num_tokens,)](
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_sin_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -208,7 +213,7 @@ def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
     if num_tokens == 0:
         return
     constexprs, num_warps = _store_config(num_kv_heads, head_dim)
-    _store_kv_kernel[(num_tokens, triton.cdiv(num_kv_heads, constexprs["BLOCK_H"]))](
+    _store_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
         **constexprs, num_warps=num_warps,
