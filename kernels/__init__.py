@@ -7,55 +7,52 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import Tensor
 
 from . import reference
 
-__all__ = ["paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul", "reference"]
+# The Triton modules are imported before the dispatchers below are defined: importing a submodule binds its
+# name on this package, and several modules share their kernel's name (paged_attention, rms_norm). Defining
+# the functions afterwards makes `batchdecode.kernels.paged_attention` the function, as documented.
+try:
+    from . import activation as _activation
+    from . import paged_attention as _paged_attention
+    from . import rms_norm as _rms_norm
+    from . import rope_kv as _rope_kv
+    HAVE_TRITON = True
+except ImportError:  # no triton on this platform: the twins serve every call
+    HAVE_TRITON = False
+
+__all__ = ["paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul", "reference",
+           "use_triton"]
 
 
 def use_triton(x: Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, *, kv_start=None, scale=None) -> Tensor:
-    if use_triton(q):
-        from .paged_attention import paged_attention as impl
-    else:
-        impl = reference.paged_attention
+    impl = _paged_attention.paged_attention if use_triton(q) else reference.paged_attention
     return impl(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start=kv_start, scale=scale)
 
 
 def rope_and_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, *,
                       rotary_dim=None, neox_style=True) -> tuple[Tensor, Tensor]:
-    if use_triton(q):
-        from .rope_kv import rope_and_store_kv as impl
-    else:
-        impl = reference.rope_and_store_kv
+    impl = _rope_kv.rope_and_store_kv if use_triton(q) else reference.rope_and_store_kv
     return impl(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
                 rotary_dim=rotary_dim, neox_style=neox_style)
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    if use_triton(k):
-        from .rope_kv import store_kv as impl
-    else:
-        impl = reference.store_kv
+    impl = _rope_kv.store_kv if use_triton(k) else reference.store_kv
     impl(k, v, k_cache, v_cache, slot_mapping)
 
 
 def rms_norm(x, weight, eps, residual=None) -> tuple[Tensor, Tensor]:
-    if use_triton(x):
-        from .rms_norm import rms_norm as impl
-    else:
-        impl = reference.rms_norm
+    impl = _rms_norm.rms_norm if use_triton(x) else reference.rms_norm
     return impl(x, weight, eps, residual)
 
 
 def silu_and_mul(x) -> Tensor:
-    if use_triton(x):
-        from .activation import silu_and_mul as impl
-    else:
-        impl = reference.silu_and_mul
+    impl = _activation.silu_and_mul if use_triton(x) else reference.silu_and_mul
     return impl(x)

@@ -53,8 +53,8 @@ def paged_attention(
         v = v.to(acc).repeat_interleave(group, dim=1)
         qs = q[q_lo:q_hi].to(acc)  # [q_len, H, D]
         scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
-        q_slots = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
-        k_slots = torch.arange(start, kv_len).unsqueeze(0)
+        q_slots = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
+        k_slots = torch.arange(start, kv_len, device=q.device).unsqueeze(0)
         scores.masked_fill_(k_slots > q_slots, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q_lo:q_hi] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
