@@ -1,0 +1,157 @@
+"""The CLI's input file, read and checked whole before any model loads.
+
+.txt   one prompt per line, taken verbatim (no escapes; use .jsonl for prompts that hold a newline).
+.jsonl one JSON object per line with exactly one of "prompt" (string), "messages" (chat list) or
+       "prompt_token_ids" (list of ints); optional "id" (string or int) and per-line sampling options.
+Blank lines are skipped in both. A request's id is its "id" field, or else its 1-based line number.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
+
+
+class InputError(ValueError):
+    """A problem with the user's input or options; its message is shown as is, without a traceback."""
+
+
+@dataclass(slots=True)
+class PromptLine:
+    line: int                                  # 1-based line number in the input file
+    id: str | int
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    prompt_token_ids: list[int] | None = None
+    overrides: dict = field(default_factory=dict)   # per-line SamplingParams fields
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+
+
+def _is_str_list(x) -> bool:
+    return isinstance(x, list) and all(isinstance(s, str) for s in x)
+
+
+# The per-line sampling options a .jsonl line may set, with the JSON type each must have (ranges are
+# SamplingParams' business).
+SAMPLING_FIELDS = {
+    "max_tokens": (_is_int, "an integer"),
+    "min_tokens": (_is_int, "an integer"),
+    "temperature": (_is_number, "a number"),
+    "top_p": (_is_number, "a number"),
+    "top_k": (_is_int, "an integer"),
+    "min_p": (_is_number, "a number"),
+    "seed": (lambda x: x is None or _is_int(x), "an integer or null"),
+    "stop": (lambda x: isinstance(x, str) or _is_str_list(x), "a string or a list of strings"),
+    "stop_token_ids": (lambda x: isinstance(x, list) and all(map(_is_int, x)), "a list of integers"),
+    "ignore_eos": (lambda x: isinstance(x, bool), "true or false"),
+    "logprobs": (lambda x: x is None or _is_int(x), "an integer or null"),
+}
+
+
+def read_prompt_file(path: str | Path) -> list[PromptLine]:
+    path = Path(path)
+    if path.suffix not in (".txt", ".jsonl"):
+        raise InputError(f"{path}: input must be a .txt (one prompt per line) or .jsonl file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such input file") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    parse = _parse_txt_line if path.suffix == ".txt" else _parse_jsonl_line
+    # split("\n"), not splitlines(): the latter also breaks on characters JSON strings may hold (U+2028...).
+    requests = [parse(line.removesuffix("\r"), number)
+                for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    if not requests:
+        raise InputError(f"{path}: no prompts in the file")
+    _check_unique_ids(requests)
+    return requests
+
+
+def _parse_txt_line(line: str, number: int) -> PromptLine:
+    return PromptLine(line=number, id=number, prompt=line)
+
+
+def _parse_jsonl_line(line: str, number: int) -> PromptLine:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"line {number}: expected a JSON object, got {type(obj).__name__}")
+    for key in obj:
+        if key not in ("id", *PROMPT_FIELDS, *SAMPLING_FIELDS):
+            raise InputError(f"line {number}: unknown field {key!r} (allowed: id, {', '.join(PROMPT_FIELDS)}, "
+                             f"{', '.join(SAMPLING_FIELDS)})")
+    given = [key for key in PROMPT_FIELDS if key in obj]
+    if len(given) != 1:
+        raise InputError(f"line {number}: needs exactly one of {', '.join(PROMPT_FIELDS)}; "
+                         f"got {', '.join(given) or 'none'}")
+    request = PromptLine(line=number, id=_check_id(obj.get("id", number), number))
+    setattr(request, given[0], _PROMPT_CHECKS[given[0]](obj[given[0]], number))
+    for key, value in obj.items():
+        if key in SAMPLING_FIELDS:
+            ok, expected = SAMPLING_FIELDS[key]
+            if not ok(value):
+                raise InputError(f"line {number}: {key} must be {expected}, got {json.dumps(value)}")
+            request.overrides[key] = value
+    return request
+
+
+def _check_id(value, number: int) -> str | int:
+    if not (isinstance(value, str) or _is_int(value)):
+        raise InputError(f"line {number}: id must be a string or an integer, got {json.dumps(value)}")
+    return value
+
+
+def _check_prompt(value, number: int) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"line {number}: prompt must be a string, got {json.dumps(value)[:40]}")
+    if not value:
+        raise InputError(f"line {number}: empty prompt")
+    return value
+
+
+def _check_messages(value, number: int) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise InputError(f"line {number}: messages must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for i, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise InputError(f"line {number}: messages[{i}] must be an object with string \"role\" and \"content\"")
+    return value
+
+
+def _check_token_ids(value, number: int) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise InputError(f"line {number}: prompt_token_ids must be a non-empty list of integers")
+    if not all(_is_int(t) and t >= 0 for t in value):
+        raise InputError(f"line {number}: prompt_token_ids must hold integers >= 0")
+    return value
+
+
+_PROMPT_CHECKS = {"prompt": _check_prompt, "messages": _check_messages, "prompt_token_ids": _check_token_ids}
+
+
+def id_key(request_id: str | int) -> str:
+    """Ids compare as JSON values: 5 and "5" are different ids."""
+    return json.dumps(request_id)
+
+
+def _check_unique_ids(requests: list[PromptLine]) -> None:
+    first_line: dict[str, int] = {}
+    for request in requests:
+        key = id_key(request.id)
+        if key in first_line:
+            raise InputError(f"line {request.line}: id {key} is also the id of line {first_line[key]}")
+        first_line[key] = request.line

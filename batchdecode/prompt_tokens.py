@@ -1,0 +1,63 @@
+"""Requests -> prompt token ids, checked against the model before its weights load.
+
+Plain prompts are encoded with the tokenizer's special tokens (as vLLM does); chat messages are rendered
+with the chat template (add_generation_prompt=True) and encoded without adding special tokens again,
+since the template writes its own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .prompt_file import InputError, PromptLine
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 — a broken or missing tokenizer is the user's folder, not our bug
+        raise InputError(f"{folder}: could not load a tokenizer ({type(e).__name__}: {e})") from None
+
+
+def tokenize_all(requests: list[PromptLine], tokenizer, folder: Path, *, chat: bool,
+                 max_model_len: int | None) -> list[list[int]]:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    limit = _context_limit(config, max_model_len)
+    vocab_size = config.vocab_size
+    token_ids = []
+    for request in requests:
+        ids = _tokenize(request, tokenizer, chat)
+        if not ids:
+            raise InputError(f"line {request.line}: the prompt encodes to no tokens")
+        if max(ids) >= vocab_size:
+            raise InputError(f"line {request.line}: token id {max(ids)} is outside the vocabulary (size {vocab_size})")
+        if limit is not None and len(ids) >= limit:
+            raise InputError(f"line {request.line}: prompt has {len(ids)} tokens; the model's context holds {limit}, "
+                             "which must leave room for at least one generated token")
+        token_ids.append(ids)
+    return token_ids
+
+
+def _context_limit(config, max_model_len: int | None) -> int | None:
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limits = [n for n in (positions, max_model_len) if n]
+    return min(limits) if limits else None
+
+
+def _tokenize(request: PromptLine, tokenizer, chat: bool) -> list[int]:
+    if request.prompt_token_ids is not None:
+        return request.prompt_token_ids
+    if request.messages is None and not chat:
+        return tokenizer.encode(request.prompt)
+    messages = request.messages or [{"role": "user", "content": request.prompt}]
+    if not tokenizer.chat_template:
+        raise InputError(f"line {request.line}: a chat prompt needs a chat template, and this model's tokenizer "
+                         "has none")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # noqa: BLE001 — templates raise their own errors (e.g. roles must alternate)
+        raise InputError(f"line {request.line}: the chat template rejected these messages: {e}") from None
+    return tokenizer.encode(text, add_special_tokens=False)
