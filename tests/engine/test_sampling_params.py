@@ -1,0 +1,25 @@
+import pytest
+
+from batchdecode.sampling_params import SamplingParams
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=-0.1), dict(temperature=float("nan")),
+    dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(top_k=2.5),
+    dict(min_p=-0.1), dict(min_p=1.1),
+    dict(max_tokens=0), dict(max_tokens=-3),
+    dict(min_tokens=-1), dict(min_tokens=17),   # more than the default max_tokens=16
+    dict(logprobs=-1), dict(stop=[""]), dict(stop=[3]), dict(stop_token_ids=[-1]), dict(seed=1.5),
+])
+def test_out_of_range_values_raise(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        SamplingParams(**kwargs)
+
+
+def test_defaults_and_normalisation():
+    p = SamplingParams()
+    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.max_tokens, p.min_tokens) == (1.0, 1.0, 0, 0.0, 16, 0)
+    assert p.stop == [] and p.stop_token_ids == [] and p.seed is None and p.logprobs is None and not p.greedy
+    assert SamplingParams(stop="###").stop == ["###"]
+    assert SamplingParams(temperature=0).greedy
+    SamplingParams(min_tokens=16, max_tokens=16, logprobs=0, top_p=1.0, min_p=1.0, seed=-5)  # edges are valid
