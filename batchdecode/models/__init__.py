@@ -35,9 +35,9 @@ def load_model(
     PreTrainedModel instance. An instance's weights are used in place, never copied, when dtype and device
     already match (dtype=None / device=None mean "as it is"). Otherwise the instance itself is converted with
     `.to(device, dtype)`, which copies its weights into new storage and changes the caller's model too.
-    A folder loads in its config's dtype unless `dtype` is given. The module returned is in eval mode and runs
-    under torch.inference_mode; its attributes num_layers, num_kv_heads, head_dim, vocab_size and max_position
-    (the longest context it computes exactly) size the KV cache.
+    A folder loads in its config's dtype unless `dtype` is given. The HF model is put in eval mode; the module
+    returned is too, and its forward runs under torch.inference_mode. Its attributes num_layers, num_kv_heads,
+    head_dim, vocab_size and max_position (the longest context it computes exactly) size the KV cache.
     """
     hf_model = model if isinstance(model, PreTrainedModel) else _load_folder(model, dtype)
     arch = architecture_of(hf_model)

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from batchdecode import kernels
 from batchdecode.batch import ForwardBatch
 
-KVCache = tuple[Tensor, Tensor]
+from .layers import KVCache
 
 
 class GPT2Attention(nn.Module):

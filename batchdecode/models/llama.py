@@ -14,10 +14,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from batchdecode import kernels
 from batchdecode.batch import ForwardBatch
 
-from .layers import gate_up
+from .layers import KVCache, gate_up
 from .rotary import build_cos_sin_cache, rope_max_position
-
-KVCache = tuple[Tensor, Tensor]
 
 
 class LlamaAttention(nn.Module):

@@ -1,6 +1,8 @@
 """Drives a model step by step as the engine will: packed rows, shuffled physical pages, NaN-poisoned caches."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -14,14 +16,16 @@ class PagedSteps:
     still count from 0 at that slot.
     """
 
-    def __init__(self, model, *, block_size: int = 4, num_blocks: int = 48, dtype=torch.float32, seed: int = 0):
+    def __init__(self, model, *, block_size: int = 4, num_blocks: int = 48, dtype=torch.float32, seed: int = 0,
+                 device: str | torch.device = "cpu"):
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(num_blocks, generator=gen).tolist()
         self.poison_page, self.free = order[0], order[1:]  # the poison page pads block tables; never written
         self.block_size = block_size
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        self.kv_caches = [(torch.full(shape, float("nan"), dtype=dtype), torch.full(shape, float("nan"), dtype=dtype))
+        self.kv_caches = [tuple(torch.full(shape, float("nan"), dtype=dtype, device=device) for _ in "kv")
                           for _ in range(model.num_layers)]
+        self.device = device
         self.model = model
         self.tokens: list[list[int]] = []
         self.pages: list[list[int]] = []
@@ -58,16 +62,15 @@ class PagedSteps:
             starts.append(self.kv_start[row])
         width = max(len(self.pages[row]) for row in chunks) + 1
         table = [self.pages[row] + [self.poison_page] * (width - len(self.pages[row])) for row in chunks]
-        i32, i64 = torch.int32, torch.int64
-        batch = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=i64), positions=torch.tensor(positions, dtype=i64),
-            slot_mapping=torch.tensor(slots, dtype=i64), block_table=torch.tensor(table, dtype=i32),
-            cu_q_lens=torch.tensor(cu, dtype=i32), kv_lens=torch.tensor(kv_lens, dtype=i32),
-            logits_indices=torch.tensor(logits_indices, dtype=i64), kv_start=torch.tensor(starts, dtype=i32))
+        i32 = functools.partial(torch.tensor, dtype=torch.int32, device=self.device)
+        i64 = functools.partial(torch.tensor, dtype=torch.int64, device=self.device)
+        batch = ForwardBatch(input_ids=i64(ids), positions=i64(positions), slot_mapping=i64(slots),
+                             block_table=i32(table), cu_q_lens=i32(cu), kv_lens=i32(kv_lens),
+                             logits_indices=i64(logits_indices), kv_start=i32(starts))
         return batch, wanted
 
 
 def hf_logits(hf_model, tokens: list[int]) -> Tensor:
     """transformers' float32 logits for one row run alone, every position."""
     with torch.inference_mode():
-        return hf_model(torch.tensor([tokens])).logits[0].float()
+        return hf_model(torch.tensor([tokens], device=hf_model.device)).logits[0].float()
