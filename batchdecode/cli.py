@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"batchdecode: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # before generation started; nothing was written
+        print("batchdecode: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +93,8 @@ def generate(args: argparse.Namespace) -> int:
     params = [_params_for(request, base) for request in requests]
     if args.output.resolve() == args.input.resolve():
         raise InputError("--output must not be the input file")
+    if not args.output.parent.is_dir():
+        raise InputError(f"--output {args.output}: folder {args.output.parent} does not exist")
     done = count_done(args.output, [r.id for r in requests])
     if done == len(requests):
         print(f"batchdecode: all {done} requests are already in {args.output}", file=sys.stderr)
@@ -100,7 +105,8 @@ def generate(args: argparse.Namespace) -> int:
 
     folder = resolve_model(args.model, progress=not args.no_progress)
     tokenizer = load_tokenizer(folder)
-    prompt_ids = tokenize_all(requests, tokenizer, folder, chat=args.chat, max_model_len=args.max_model_len)
+    prompt_ids = tokenize_all(requests, [p.max_tokens for p in params], tokenizer, folder, chat=args.chat,
+                              max_model_len=args.max_model_len)
     todo = list(range(done, len(requests)))
     return _run(args, folder, tokenizer, requests, params, prompt_ids, todo)
 
@@ -126,25 +132,21 @@ class _Totals:
     prompt_tokens: int = 0
     generated_tokens: int = 0
 
+    def add(self, output) -> None:
+        self.requests += 1
+        self.prompt_tokens += len(output.prompt_token_ids)
+        self.generated_tokens += len(output.token_ids)
+
 
 def _run(args, folder, tokenizer, requests, params, prompt_ids, todo) -> int:
-    import torch
-
-    from .llm import LLM
-
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    llm = LLM(str(folder), tokenizer=tokenizer, device=args.device, dtype=dtype, block_size=args.block_size,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len)
+    llm = _load_engine(args, folder, tokenizer)
     writer = ResultsWriter(args.output, first_index=todo[0])
     totals, start = _Totals(), time.perf_counter()
     bar = _progress_bar(len(requests), initial=todo[0], disable=args.no_progress)
     try:
         for index, output in _finished(llm, [prompt_ids[i] for i in todo], [params[i] for i in todo], todo):
             writer.add(index, _record(requests[index], output))
-            totals.requests += 1
-            totals.prompt_tokens += len(output.prompt_token_ids)
-            totals.generated_tokens += len(output.token_ids)
+            totals.add(output)
             bar.update(1)
             bar.set_postfix_str(f"{totals.generated_tokens / (time.perf_counter() - start):.0f} tok/s")
     except KeyboardInterrupt:
@@ -159,14 +161,30 @@ def _run(args, folder, tokenizer, requests, params, prompt_ids, todo) -> int:
     return 0
 
 
+def _load_engine(args, folder: Path, tokenizer):
+    import torch
+
+    from .llm import LLM
+
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: no CUDA device here")
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    try:
+        return LLM(str(folder), tokenizer=tokenizer, device=args.device, dtype=dtype, block_size=args.block_size,
+                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                   max_model_len=args.max_model_len)
+    except ValueError as e:   # engine options the model cannot take (block size, max_model_len, architecture)
+        raise InputError(str(e)) from None
+
+
 def _finished(llm, prompt_ids: list[list[int]], params: list, indices: list[int]):
-    """(input index, RequestOutput) for each request as it finishes."""
-    # TODO(engine): switch to the engine's incremental API once it lands.
-    window = 4 * llm.max_num_seqs if hasattr(llm, "max_num_seqs") else 1024
+    """(input index, RequestOutput) for each request once it is done."""
+    # generate() returns when its whole list is done, so feed it windows of a few batches: each window's
+    # results reach the file when it completes, and only the tail of a window runs below full batch.
+    window = 4 * llm.config.max_num_seqs
     for start in range(0, len(prompt_ids), window):
-        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids[start:start + window]],
-                               params[start:start + window], use_tqdm=False)
-        for offset, output in enumerate(outputs):
+        prompts = [{"prompt_token_ids": ids} for ids in prompt_ids[start:start + window]]
+        for offset, output in enumerate(llm.generate(prompts, params[start:start + window], use_tqdm=False)):
             yield indices[start + offset], output
 
 

@@ -20,7 +20,7 @@ def load_tokenizer(folder: Path):
         raise InputError(f"{folder}: could not load a tokenizer ({type(e).__name__}: {e})") from None
 
 
-def tokenize_all(requests: list[PromptLine], tokenizer, folder: Path, *, chat: bool,
+def tokenize_all(requests: list[PromptLine], max_tokens: list[int], tokenizer, folder: Path, *, chat: bool,
                  max_model_len: int | None) -> list[list[int]]:
     from transformers import AutoConfig
 
@@ -28,15 +28,15 @@ def tokenize_all(requests: list[PromptLine], tokenizer, folder: Path, *, chat: b
     limit = _context_limit(config, max_model_len)
     vocab_size = config.vocab_size
     token_ids = []
-    for request in requests:
+    for request, budget in zip(requests, max_tokens):
         ids = _tokenize(request, tokenizer, chat)
         if not ids:
             raise InputError(f"line {request.line}: the prompt encodes to no tokens")
         if max(ids) >= vocab_size:
             raise InputError(f"line {request.line}: token id {max(ids)} is outside the vocabulary (size {vocab_size})")
-        if limit is not None and len(ids) >= limit:
-            raise InputError(f"line {request.line}: prompt has {len(ids)} tokens; the model's context holds {limit}, "
-                             "which must leave room for at least one generated token")
+        if limit is not None and len(ids) + budget > limit:
+            raise InputError(f"line {request.line}: {len(ids)} prompt tokens + max_tokens {budget} = "
+                             f"{len(ids) + budget}, more than the model's context of {limit} tokens")
         token_ids.append(ids)
     return token_ids
 

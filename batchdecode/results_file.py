@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -47,12 +46,7 @@ class ResultsWriter:
         self.file = open(path, "a", encoding="utf-8")
         self.next_index = first_index        # the input index of the next line the file needs
         self.pending: dict[int, dict] = {}   # finished, waiting for an earlier request
-        self.lines_written = 0
         self.last_fsync = time.monotonic()
-        # Test hook: send this process a signal after N lines, to test resuming after a crash or Ctrl-C.
-        fault = os.environ.get("BATCHDECODE_FAULT_AFTER_LINES")
-        self.fault_after = int(fault) if fault else None
-        self.fault_signal = getattr(signal, os.environ.get("BATCHDECODE_FAULT_SIGNAL", "SIGKILL"))
 
     def add(self, index: int, record: dict) -> None:
         self.pending[index] = record
@@ -63,12 +57,8 @@ class ResultsWriter:
         if lines:
             self.file.write("".join(lines))
             self.file.flush()
-            self.lines_written += len(lines)
             if time.monotonic() - self.last_fsync > FSYNC_INTERVAL_S:
                 self._fsync()
-            if self.fault_after is not None and self.lines_written >= self.fault_after:
-                self.fault_after = None
-                os.kill(os.getpid(), self.fault_signal)
 
     def close(self) -> None:
         self.file.flush()
