@@ -28,7 +28,6 @@ from torch import Tensor
 from .compile_spec import CompileSpec
 
 SPLIT_TOKENS = 512  # KV tokens per decode split; tests lower it to reach several splits cheaply
-BLOCK_M = 64  # rows of every tl.dot: queries x query heads of one KV head
 ROW_SEARCH = 128  # cu_q_lens entries a program reads per step while finding its row
 MERGE_SPLITS = 16  # splits the merge kernel reduces per step
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -41,20 +40,23 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @dataclass(frozen=True)
 class TileConfig:
+    block_m: int  # rows of every tl.dot: queries x query heads of one KV head
     block_n: int  # KV tokens per inner-loop tile
     num_warps: int
     num_stages: int
 
 
 def tile_config(dtype: torch.dtype, head_dim_pad: int) -> TileConfig:
-    """Per dtype and padded head dim only (never per batch), so a row's arithmetic never changes."""
-    if dtype == torch.float32:  # FMA dot (exact fp32, no tf32): small tiles keep registers in check
-        return TileConfig(block_n=32, num_warps=4 if head_dim_pad <= 128 else 8, num_stages=2)
-    if head_dim_pad == 64:
-        return TileConfig(block_n=128, num_warps=4, num_stages=3)
-    if head_dim_pad == 128:
-        return TileConfig(block_n=64, num_warps=4, num_stages=3)
-    return TileConfig(block_n=32, num_warps=8, num_stages=3)
+    """Per dtype and padded head dim only, never per batch, so a row's arithmetic never changes.
+
+    Half types: 64-row tiles, the smallest Hopper wgmma (HGMMA), up to 254 registers and no spills on sm_90.
+    fp32 runs an exact FMA dot (no tf32): 16-row tiles keep its operands in registers without spilling.
+    """
+    if dtype == torch.float32:
+        return TileConfig(block_m=16, block_n=32 if head_dim_pad == 64 else 16, num_warps=4, num_stages=2)
+    if head_dim_pad <= 128:
+        return TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+    return TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -265,10 +267,10 @@ def paged_attention(
         q = q.contiguous()
 
     group = num_heads // num_kv_heads
-    group_block = min(triton.next_power_of_2(group), BLOCK_M)
-    head_chunks = triton.cdiv(group, group_block)
     head_dim_pad = triton.next_power_of_2(head_dim)
     cfg = tile_config(q.dtype, head_dim_pad)
+    group_block = min(triton.next_power_of_2(group), cfg.block_m)
+    head_chunks = triton.cdiv(group, group_block)
     assert SPLIT_TOKENS % cfg.block_n == 0, "a split must hold whole KV tiles"
     num_splits = triton.cdiv(max_pages * block_size, SPLIT_TOKENS)
     parts = _split_buffers(num_rows, num_heads, num_splits, head_dim, q.device)
@@ -276,13 +278,13 @@ def paged_attention(
     kv_start = kv_start if has_kv_start else kv_lens  # never read
     scale = head_dim**-0.5 if scale is None else scale
 
-    grid = (num_tokens // (BLOCK_M // group_block) + num_rows, num_kv_heads * head_chunks, num_splits)
+    grid = (num_tokens // (cfg.block_m // group_block) + num_rows, num_kv_heads * head_chunks, num_splits)
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start, *parts,
         scale * LOG2E, num_rows, num_heads, num_kv_heads, group, head_chunks,
         group_block.bit_length() - 1, block_size.bit_length() - 1,
         q.stride(0), q.stride(1), block_table.stride(0), num_splits, int(has_kv_start),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         SPLIT=SPLIT_TOKENS, SEARCH=ROW_SEARCH, INTERPRET=INTERPRET,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -306,7 +308,7 @@ def _split_buffers(num_rows: int, num_heads: int, num_splits: int, head_dim: int
 
 
 def _merge_warps(head_dim_pad: int) -> int:
-    return 4 if head_dim_pad <= 128 else 8
+    return max(head_dim_pad // 128, 1)
 
 
 def _check_inputs(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start) -> None:
@@ -362,7 +364,7 @@ def compile_specs() -> list[CompileSpec]:
             specs.append(CompileSpec(
                 name=f"paged_attention[{ty},D={head_dim}]", fn=_paged_attention_kernel,
                 signature=_attention_signature(ty),
-                constexprs=dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
+                constexprs=dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                 SPLIT=SPLIT_TOKENS, SEARCH=ROW_SEARCH, INTERPRET=False),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             specs.append(CompileSpec(

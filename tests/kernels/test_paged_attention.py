@@ -1,0 +1,263 @@
+"""paged_attention: the Triton kernel (in the interpreter) against its float64 twin, on poisoned paged caches.
+
+Every cache slot a call must not read holds NaN (pages outside the block table, slots before kv_start, slots
+past kv_lens in the last page), unused block_table entries point at NaN pages or at no page at all, and every
+fresh buffer the launcher allocates starts as NaN. Rows are laid out on shuffled physical pages.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from error_bounds import assert_within_bound
+from torch import Tensor
+
+from batchdecode import kernels
+from batchdecode.kernels import reference
+
+triton_module = importlib.import_module("batchdecode.kernels.paged_attention")
+SMALL_SPLIT = 64  # tokens per decode split in most tests, so that two splits cost two KV tiles
+
+
+@dataclass(frozen=True)
+class Row:
+    """One request: its queries and the K/V of its visible slots kv_start .. kv_len - 1."""
+    q: Tensor  # [q_len, H, D]
+    k: Tensor  # [kv_len - kv_start, KVH, D]
+    v: Tensor
+    kv_start: int = 0  # empty slots before the first visible one (left padding)
+
+    @property
+    def kv_len(self) -> int:
+        return self.kv_start + self.k.shape[0]
+
+
+def random_row(q_len: int, kv_len: int, kv_start: int, heads: int, kv_heads: int, head_dim: int,
+               dtype: torch.dtype) -> Row:
+    assert 0 <= kv_start <= kv_len - q_len, (q_len, kv_len, kv_start)
+    visible = kv_len - kv_start
+    return Row(q=torch.randn(q_len, heads, head_dim).to(dtype), k=torch.randn(visible, kv_heads, head_dim).to(dtype),
+               v=torch.randn(visible, kv_heads, head_dim).to(dtype), kv_start=kv_start)
+
+
+def pack(rows: list[Row], block_size: int, *, seed: int = 0, spare_pages: int = 3, spare_columns: int = 1,
+         with_kv_start: bool = True) -> dict:
+    """paged_attention's arguments for rows, each on its own shuffled physical pages; the rest is poison."""
+    gen = torch.Generator().manual_seed(seed)
+    first_pages = [row.kv_start // block_size for row in rows]
+    end_pages = [math.ceil(row.kv_len / block_size) for row in rows]
+    needed = sum(end - first for first, end in zip(first_pages, end_pages))
+    num_blocks = needed + spare_pages
+    physical = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    _, kv_heads, head_dim = rows[0].k.shape
+    dtype = rows[0].q.dtype
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    # entries the call must not follow: NaN pages and indices of no page at all
+    junk = torch.tensor([*physical[needed:].tolist(), -1, num_blocks + 1000, 2**31 - 1], dtype=torch.int32)
+    width = max(end_pages) + spare_columns
+    block_table = junk[torch.randint(len(junk), (len(rows), width), generator=gen)]
+    taken = 0
+    for s, (row, first, end) in enumerate(zip(rows, first_pages, end_pages)):
+        block_table[s, first:end] = physical[taken:taken + end - first]
+        taken += end - first
+        slots = torch.arange(row.kv_start, row.kv_len)
+        pages, offsets = block_table[s, slots // block_size].long(), slots % block_size
+        k_cache[pages, offsets] = row.k
+        v_cache[pages, offsets] = row.v
+    q_lens = torch.tensor([row.q.shape[0] for row in rows])
+    return dict(
+        q=torch.cat([row.q for row in rows]), k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+        cu_q_lens=torch.cat([torch.zeros(1), q_lens.cumsum(0)]).to(torch.int32),
+        kv_lens=torch.tensor([row.kv_len for row in rows], dtype=torch.int32),
+        kv_start=torch.tensor([row.kv_start for row in rows], dtype=torch.int32) if with_kv_start else None)
+
+
+def exact(call: dict) -> Tensor:
+    as64 = {name: call[name].double() for name in ("q", "k_cache", "v_cache")}
+    return reference.paged_attention(**{**call, **as64})
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations(monkeypatch):
+    """Every float buffer torch.empty hands out during a test starts as NaN, so an unwritten element shows."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.fixture
+def small_splits(monkeypatch):
+    monkeypatch.setattr(triton_module, "SPLIT_TOKENS", SMALL_SPLIT)
+
+
+def check(call: dict) -> Tensor:
+    out = kernels.paged_attention(**call)
+    assert out.dtype == call["q"].dtype and out.shape == call["q"].shape
+    assert_within_bound(out, exact(call), reference.paged_attention(**call), "paged_attention")
+    return out
+
+
+# ---- against the reference: every row shape, group, head dim, page size, dtype and mode
+
+def row_lengths(block_size: int) -> list[int]:
+    """1, a page less one, a page, a page and one, several pages (and several small splits)."""
+    return sorted({1, max(block_size - 1, 1), block_size, block_size + 1, 2 * block_size + 3, 150})
+
+
+def rows_for(mode: str, block_size: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> list[Row]:
+    rows = []
+    for i, kv_len in enumerate(row_lengths(block_size)):
+        # kv_start cycles through 0, somewhere inside, and the last slot the queries leave free
+        q_len = {"decode": 1, "prefill": kv_len, "chunked": max(kv_len // 3, 1)}[mode]
+        q_len = min(q_len, 40)  # long prefills cost interpreter time; chunked rows keep a cached prefix
+        latest = kv_len - q_len
+        kv_start = (0, int(torch.randint(0, latest + 1, ())), latest)[i % 3]
+        rows.append(random_row(q_len, kv_len, kv_start, heads, kv_heads, head_dim, dtype))
+    return rows
+
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+CASES = [  # dtype, heads, kv_heads, head_dim, block_size, mode
+    (F32, 4, 4, 64, 16, "decode"),
+    (F32, 6, 2, 80, 1, "prefill"),
+    (F32, 8, 1, 128, 64, "chunked"),
+    (F32, 8, 2, 64, 4, "decode"),
+    (F16, 9, 3, 64, 16, "decode"),  # SmolLM2: group 3 padded to 4
+    (F16, 8, 2, 128, 1, "decode"),
+    (F16, 16, 2, 80, 64, "prefill"),
+    (F16, 2, 2, 96, 8, "chunked"),
+    (F16, 12, 4, 64, 2, "prefill"),
+    (BF16, 9, 3, 64, 16, "prefill"),
+    (BF16, 9, 3, 64, 64, "chunked"),
+    (BF16, 32, 4, 128, 16, "decode"),
+    (BF16, 4, 1, 80, 1, "chunked"),
+    (BF16, 3, 3, 256, 16, "decode"),
+    (BF16, 8, 8, 64, 256, "chunked"),
+    (BF16, 4, 2, 128, 64, "prefill"),
+]
+
+
+@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim,block_size,mode", CASES,
+                         ids=[f"{str(c[0])[6:]}-H{c[1]}/{c[2]}-D{c[3]}-bs{c[4]}-{c[5]}" for c in CASES])
+def test_matches_reference(small_splits, dtype, heads, kv_heads, head_dim, block_size, mode):
+    check(pack(rows_for(mode, block_size, heads, kv_heads, head_dim, dtype), block_size))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_mixed_batch(small_splits, dtype):
+    """Decode, prefill and chunked rows in one call; a row of 0 queries; no kv_start tensor at all."""
+    shape = (8, 2, 64, dtype)
+    rows = [random_row(1, 130, 0, *shape), random_row(0, 20, 0, *shape), random_row(70, 70, 0, *shape),
+            random_row(9, 33, 0, *shape), random_row(1, 1, 0, *shape)]
+    check(pack(rows, 16, with_kv_start=False))
+
+
+def test_decode_shaped_batch_that_is_not_decode(small_splits):
+    """As many queries as rows, but not one each: the kernel reads cu_q_lens, it does not assume."""
+    shape = (4, 2, 64, BF16)
+    check(pack([random_row(2, 40, 3, *shape), random_row(0, 10, 0, *shape), random_row(1, 90, 5, *shape)], 16))
+
+
+def test_group_above_tile(small_splits):
+    """72 query heads on one KV head: the group is cut into chunks of a tile's rows."""
+    check(pack([random_row(1, 70, 2, 72, 1, 64, F16), random_row(3, 20, 0, 72, 1, 64, F16)], 16))
+
+
+def test_default_split_size():
+    """Decode rows long enough for several splits of the real SPLIT_TOKENS."""
+    split = triton_module.SPLIT_TOKENS
+    rows = [random_row(1, 2 * split + 17, 9, 8, 2, 128, BF16), random_row(1, split, 0, 8, 2, 128, BF16)]
+    check(pack(rows, 64))
+
+
+def test_query_that_sees_nothing_outputs_zeros():
+    shape = (4, 2, 64, F32)
+    call = pack([random_row(3, 10, 2, *shape), random_row(1, 5, 0, *shape)], 16)
+    call["kv_start"] = torch.tensor([8, 5], dtype=torch.int32)  # past row 0's first query; row 1 left empty
+    out = check(call)
+    assert out[0].eq(0).all() and out[3].eq(0).all() and out[1:3].ne(0).all()
+
+
+def test_no_tokens():
+    call = pack([random_row(0, 5, 0, 4, 2, 64, F16)], 16)
+    assert kernels.paged_attention(**call).shape == (0, 4, 64)
+
+
+# ---- batch invariance: a row's output, bit for bit, whatever surrounds it
+
+def target_output(rows: list[Row], target: int, block_size: int, seed: int, spare_columns: int = 1) -> Tensor:
+    call = pack(rows, block_size, seed=seed, spare_columns=spare_columns)
+    first = sum(row.q.shape[0] for row in rows[:target])
+    return kernels.paged_attention(**call)[first:first + rows[target].q.shape[0]]
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("q_len,kv_len", [(1, 300), (20, 90)], ids=["decode-splits", "chunked-prefill"])
+def test_batch_invariance(small_splits, dtype, q_len, kv_len):
+    heads, kv_heads, head_dim, block_size = 6, 2, 64, 16
+    target = random_row(q_len, kv_len, 5, heads, kv_heads, head_dim, dtype)
+    others = [random_row(ql, kl, ks, heads, kv_heads, head_dim, dtype) for ql, kl, ks in
+              [(1, 200, 0), (33, 33, 0), (1, 17, 3), (7, 150, 11)]]
+    alone = target_output([target], 0, block_size, seed=0)
+    assert not alone.isnan().any()
+    variants = {
+        "beside other rows": target_output([others[0], others[1], target, others[2], others[3]], 2, block_size, 1),
+        "left padding +37": target_output([replace(target, kv_start=target.kv_start + 37)], 0, block_size, 0),
+        "left padding +16 beside rows": target_output(
+            [others[3], replace(target, kv_start=target.kv_start + 16), others[0]], 1, block_size, 2),
+        "other physical pages": target_output([target], 0, block_size, seed=7),
+        "wider block table": target_output([target, others[2]], 0, block_size, seed=3, spare_columns=40),
+    }
+    for what, out in variants.items():
+        assert torch.equal(out, alone), f"{what}: output differs from the row alone"
+
+
+# ---- bad calls fail on the host, with the reason
+
+def bad_call(**changes) -> dict:
+    call = pack([random_row(1, 20, 0, 4, 2, 64, F16)], 16)
+    return {**call, **changes}
+
+
+@pytest.mark.parametrize("what,call,message", [
+    ("heads not a multiple of kv heads", lambda: bad_call(q=torch.randn(1, 3, 64).half()), "multiple"),
+    ("head dim 72", lambda: bad_call(q=torch.randn(1, 4, 72).half(), k_cache=torch.randn(4, 16, 2, 72).half(),
+                                     v_cache=torch.randn(4, 16, 2, 72).half()), "head dim"),
+    ("q and cache head dims differ", lambda: bad_call(q=torch.randn(1, 4, 128).half()), "head dim"),
+    ("block size 12", lambda: bad_call(k_cache=torch.randn(4, 12, 2, 64).half(),
+                                       v_cache=torch.randn(4, 12, 2, 64).half()), "block_size"),
+    ("block size 512", lambda: bad_call(k_cache=torch.randn(1, 512, 2, 64).half(),
+                                        v_cache=torch.randn(1, 512, 2, 64).half()), "block_size"),
+    ("dtypes differ", lambda: bad_call(q=torch.randn(1, 4, 64)), "dtype"),
+    ("float64", lambda: {**bad_call(), **{n: bad_call()[n].double() for n in ("q", "k_cache", "v_cache")}}, "dtype"),
+    ("int64 block table", lambda: bad_call(block_table=bad_call()["block_table"].long()), "block_table"),
+    ("int64 kv_lens", lambda: bad_call(kv_lens=torch.tensor([20])), "kv_lens"),
+    ("cu_q_lens too short", lambda: bad_call(cu_q_lens=torch.tensor([0], dtype=torch.int32)), "cu_q_lens"),
+    ("float kv_start", lambda: bad_call(kv_start=torch.tensor([0.0])), "kv_start"),
+    ("v cache shape", lambda: bad_call(v_cache=torch.randn(4, 16, 2, 64).half()), "v_cache"),
+    ("q not 3-d", lambda: bad_call(q=torch.randn(4, 64).half()), "q must be"),
+    ("non-contiguous cache", lambda: bad_call(k_cache=torch.randn(4, 2, 16, 64).half().transpose(1, 2),
+                                              v_cache=torch.randn(4, 2, 16, 64).half().transpose(1, 2)),
+     "contiguous"),
+])
+def test_rejects_bad_calls(what, call, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.paged_attention(**call())
+
+
+def test_compile_specs_cover_every_choice():
+    """One attention and one merge spec per dtype and head dim, each naming exactly the kernel's arguments."""
+    specs = triton_module.compile_specs()
+    assert len(specs) == 2 * len(triton_module.DTYPES) * len(triton_module.HEAD_DIMS)
+    for spec in specs:
+        assert list(spec.signature) == spec.fn.arg_names, spec.name
+        assert set(spec.constexprs) == {n for n, kind in spec.signature.items() if kind == "constexpr"}, spec.name
+        assert spec.constexprs["INTERPRET"] is False
