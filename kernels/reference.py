@@ -55,8 +55,10 @@ def paged_attention(
         scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
         q_slots = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
         k_slots = torch.arange(start, kv_len, device=q.device).unsqueeze(0)
-        scores.masked_fill_(k_slots > q_slots, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        visible = k_slots <= q_slots
+        scores.masked_fill_(~visible, float("-inf"))
+        # a query that sees no slot (kv_start past its own slot) outputs zeros, not NaN
+        probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
         out[q_lo:q_hi] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
     return out
 
