@@ -57,12 +57,13 @@ class LLM:
     kv_cache_memory_fraction of the memory free after loading the weights, less what a step of
     max_num_batched_tokens tokens needs; on CPU it holds max_num_seqs x 512 tokens, capped at 2 GiB.
     max_model_len (prompt + max_tokens) defaults to the longest context the model computes exactly.
+    On CUDA, decode steps replay CUDA graphs captured at start-up; enforce_eager=True runs every step eagerly.
     """
 
     def __init__(self, model: str | os.PathLike | PreTrainedModel, *, tokenizer=None, device=None, dtype=None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, num_kv_blocks: int | None = None,
-                 kv_cache_memory_fraction: float = 0.9):
+                 kv_cache_memory_fraction: float = 0.9, enforce_eager: bool = False):
         self.config = EngineConfig(block_size, max_num_seqs, max_num_batched_tokens, max_model_len, num_kv_blocks,
                                    kv_cache_memory_fraction)
         device, dtype = _default_device_dtype(model, device, dtype)
@@ -74,6 +75,8 @@ class LLM:
         self.model_runner = ModelRunner(self.model, block_size, weights.device, weights.dtype)
         self.num_kv_blocks = num_kv_blocks or self._default_num_kv_blocks()
         self.model_runner.allocate_kv_cache(self.num_kv_blocks)
+        if self.model_runner.device.type == "cuda" and not enforce_eager:
+            self.model_runner.capture_cuda_graphs(max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, block_size), max_num_seqs, max_num_batched_tokens)
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,

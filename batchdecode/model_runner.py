@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .batch import ForwardBatch
 from .block_manager import BlockManager
+from .cuda_graphs import DecodeGraphs
 from .outputs import TokenLogprobs
 from .sampler import SamplerOutput, SamplingTensors, sample, seed_keys
 from .sampling_params import SamplingParams
@@ -26,6 +27,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.kv_caches: list[tuple[Tensor, Tensor]] = []
+        self.graphs: DecodeGraphs | None = None
 
     @property
     def bytes_per_block(self) -> int:
@@ -39,36 +41,57 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(self.model.num_layers)]
 
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Capture decode-step graphs over the current KV cache (CUDA only; call after allocate_kv_cache)."""
+        with torch.inference_mode():
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs,
+                                       -(-max_model_len // self.block_size), self.device)
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
         """Compute the scheduled tokens; return the sampled token (and logprobs) of each row in batch.sampled_seqs."""
         sampled_seqs = batch.sampled_seqs
-        logits = self.model(self.prepare_inputs(batch), self.kv_caches)
+        graph_size = self._graph_size(batch, len(sampled_seqs))
+        if graph_size is not None:
+            logits = self.graphs.replay(self.prepare_inputs(batch, graph_size))[:len(sampled_seqs)]
+        else:
+            logits = self.model(self.prepare_inputs(batch), self.kv_caches)
         if not sampled_seqs:
             return [], []
         output = sample(logits, self.prepare_sampling(sampled_seqs))
         return self._to_host(sampled_seqs, output)
 
-    def prepare_inputs(self, batch: ScheduledBatch) -> ForwardBatch:
-        seqs, q_lens = batch.seqs, batch.num_new_tokens
-        starts = [seq.num_cached_tokens for seq in seqs]
+    def _graph_size(self, batch: ScheduledBatch, num_sampled: int) -> int | None:
+        """A captured graph's size when this is a decode step (one token per row, every row sampling)."""
+        if self.graphs is None or num_sampled != len(batch.seqs) or sum(batch.num_new_tokens) != num_sampled:
+            return None
+        return self.graphs.size_for(num_sampled)
+
+    def prepare_inputs(self, batch: ScheduledBatch, num_rows: int | None = None) -> ForwardBatch:
+        """The step's metadata. num_rows pads the batch to a graph's size with rows of one token that writes
+        no K/V (slot -1) and sees none (kv_len 0)."""
+        seqs = batch.seqs
+        num_pad = 0 if num_rows is None else num_rows - len(seqs)
+        starts = [seq.num_cached_tokens for seq in seqs] + [0] * num_pad
+        q_lens = batch.num_new_tokens + [1] * num_pad
         input_ids = torch.tensor(list(chain.from_iterable(
-            seq.token_ids[start:start + n] for seq, start, n in zip(seqs, starts, q_lens))), dtype=torch.int64)
+            seq.token_ids[start:start + n] for seq, start, n in zip(seqs, starts, q_lens))) + [0] * num_pad,
+            dtype=torch.int64)
         q_lens_t = torch.tensor(q_lens, dtype=torch.int64)
         starts_t = torch.tensor(starts, dtype=torch.int64)
-        cu_q_lens = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+        cu_q_lens = torch.zeros(len(q_lens) + 1, dtype=torch.int64)
         torch.cumsum(q_lens_t, 0, out=cu_q_lens[1:])
         kv_lens = starts_t + q_lens_t
+        kv_lens[len(seqs):] = 0
         # token t of row s sits at position starts[s] + (t - cu_q_lens[s])
-        row_of_token = torch.repeat_interleave(torch.arange(len(seqs)), q_lens_t)
+        row_of_token = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens_t)
         positions = torch.arange(len(input_ids)) + (starts_t - cu_q_lens[:-1])[row_of_token]
-        max_pages = max(len(seq.block_table) for seq in seqs)
-        block_table = torch.tensor([seq.block_table + [0] * (max_pages - len(seq.block_table)) for seq in seqs],
-                                   dtype=torch.int64)
+        block_table = self._block_table(seqs, len(q_lens))
         pages = block_table[row_of_token, positions // self.block_size]
         slot_mapping = pages * self.block_size + positions % self.block_size
+        slot_mapping[int(cu_q_lens[len(seqs)]):] = -1
         # a row samples when this step reaches its last token; its logits come from that token
-        samples = kv_lens == torch.tensor([len(seq) for seq in seqs], dtype=torch.int64)
+        samples = kv_lens == torch.tensor([len(seq) for seq in seqs] + [0] * num_pad, dtype=torch.int64)
         logits_indices = (cu_q_lens[1:] - 1)[samples]
         input_ids, positions, slot_mapping, cu_q_lens, kv_lens, logits_indices, block_table = self._to_device(
             input_ids, positions, slot_mapping, cu_q_lens, kv_lens, logits_indices, block_table)
@@ -76,6 +99,17 @@ class ModelRunner:
                             block_table=block_table.to(torch.int32),
                             cu_q_lens=cu_q_lens.to(torch.int32), kv_lens=kv_lens.to(torch.int32),
                             logits_indices=logits_indices)
+
+    @staticmethod
+    def _block_table(seqs: list[Sequence], num_rows: int) -> Tensor:
+        """[num_rows, max pages] int64, each row's pages then zeros (never read: past the row's kv_len)."""
+        lens = torch.tensor([len(seq.block_table) for seq in seqs], dtype=torch.int64)
+        pages = torch.tensor(list(chain.from_iterable(seq.block_table for seq in seqs)), dtype=torch.int64)
+        rows = torch.repeat_interleave(torch.arange(len(seqs)), lens)
+        cols = torch.arange(len(pages)) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+        table = torch.zeros(num_rows, max(int(lens.max()), 1), dtype=torch.int64)
+        table[rows, cols] = pages
+        return table
 
     def prepare_sampling(self, seqs: list[Sequence]) -> SamplingTensors:
         params: list[SamplingParams] = [seq.params for seq in seqs]

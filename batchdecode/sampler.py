@@ -45,7 +45,8 @@ def sample(logits: Tensor, params: SamplingTensors) -> SamplerOutput:
     """Draw one token per row of logits [N, vocab] (float32)."""
     raw_logprobs = logits.log_softmax(-1) if params.max_logprobs is not None else None
     if params.banned_rows is not None:
-        logits = logits.index_put((params.banned_rows, params.banned_tokens), torch.tensor(float("-inf"), device=logits.device))
+        logits = logits.clone()
+        logits[params.banned_rows, params.banned_tokens] = float("-inf")
     token_ids = logits.argmax(-1)
     if not params.all_greedy:
         token_ids = torch.where(params.temperatures == 0, token_ids, _sample_random(logits, params))

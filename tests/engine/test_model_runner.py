@@ -1,0 +1,75 @@
+"""The step metadata the model runner builds, and the padding it adds for CUDA-graph replay."""
+import torch
+from tiny_models import tiny_model
+
+from batchdecode.block_manager import BlockManager
+from batchdecode.cuda_graphs import graph_sizes
+from batchdecode.model_runner import ModelRunner
+from batchdecode.models import load_model
+from batchdecode.sampling_params import SamplingParams
+from batchdecode.scheduler import ScheduledBatch
+from batchdecode.sequence import Sequence
+
+
+def scheduled(block_size=4):
+    """Three rows: a decode at position 9, a 5-token chunk after 3 cached tokens, a fresh 2-token prompt."""
+    bm = BlockManager(32, block_size)
+    seqs = [Sequence(i, None, list(range(10 * i + 1, 10 * i + 1 + n)), SamplingParams(), frozenset(), None)
+            for i, n in enumerate((10, 12, 2))]
+    for seq, cached, new in zip(seqs, (9, 3, 0), (1, 5, 2)):
+        bm.allocate(seq, cached + new)
+        seq.num_cached_tokens = cached
+    return ScheduledBatch(seqs, [1, 5, 2])
+
+
+def runner():
+    model, _ = load_model(tiny_model("llama"))
+    return ModelRunner(model, 4, torch.device("cpu"), torch.float32)
+
+
+def test_metadata_is_packed_row_after_row():
+    batch = scheduled()
+    fb = runner().prepare_inputs(batch)
+    seqs = batch.seqs
+    assert fb.input_ids.tolist() == [10, 14, 15, 16, 17, 18, 21, 22]
+    assert fb.positions.tolist() == [9, 3, 4, 5, 6, 7, 0, 1]
+    assert fb.cu_q_lens.tolist() == [0, 1, 6, 8] and fb.kv_lens.tolist() == [10, 8, 2]
+    assert fb.cu_q_lens.dtype == fb.kv_lens.dtype == fb.block_table.dtype == torch.int32
+    assert fb.block_table.shape == (3, 3) and fb.block_table[0].tolist() == seqs[0].block_table
+    expected_slots = [seq.block_table[p // 4] * 4 + p % 4 for seq, ps in zip(seqs, ([9], range(3, 8), [0, 1])) for p in ps]
+    assert fb.slot_mapping.tolist() == expected_slots
+    assert fb.logits_indices.tolist() == [0, 7]       # the chunk row (12 tokens, 8 computed) does not sample
+    assert fb.kv_start is None
+
+
+def test_graph_padding_rows_write_nothing_and_see_nothing():
+    batch = ScheduledBatch(scheduled().seqs[:1], [1])
+    fb = runner().prepare_inputs(batch, num_rows=4)
+    assert fb.input_ids.shape == (4,) and fb.cu_q_lens.tolist() == [0, 1, 2, 3, 4]
+    assert fb.kv_lens.tolist() == [10, 0, 0, 0] and fb.slot_mapping.tolist()[1:] == [-1, -1, -1]
+    assert fb.logits_indices.tolist() == [0, 1, 2, 3]
+
+
+def test_padded_decode_gives_the_same_logits(twins):
+    r = runner()
+    r.allocate_kv_cache(32)
+    batch = scheduled()
+    r.model(r.prepare_inputs(batch), r.kv_caches)    # fill the rows' K/V
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        seq.num_cached_tokens += n
+    seqs = [batch.seqs[0], batch.seqs[2]]
+    for seq in seqs:
+        seq.num_cached_tokens -= 1                  # recompute each row's last token as a decode
+    decode = ScheduledBatch(seqs, [1, 1])
+    plain = r.model(r.prepare_inputs(decode), r.kv_caches)
+    padded = r.model(r.prepare_inputs(decode, num_rows=8), r.kv_caches)
+    # CPU GEMMs may round differently for 2 and 8 rows; the pad rows must not disturb the real ones
+    torch.testing.assert_close(padded[:2], plain, rtol=1e-5, atol=1e-5)
+    assert padded.isfinite().all()
+
+
+def test_graph_sizes():
+    assert graph_sizes(1) == [1]
+    assert graph_sizes(6) == [1, 2, 4, 6]
+    assert graph_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert graph_sizes(256)[-3:] == [224, 240, 256]
