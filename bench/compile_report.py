@@ -32,17 +32,20 @@ MEMORY_OPS = ("LDG", "STG", "LDGSTS", "UTMALDG", "UTMASTG")
 COUNTED_OPS = ("HGMMA", "HMMA", "MUFU.EX2")
 
 
-def kernel_specs(modules: tuple[str, ...] = KERNEL_MODULES) -> list:
-    """Every CompileSpec of every kernel module, in module order."""
-    specs = []
-    for module in modules:
-        specs.extend(importlib.import_module(f"batchdecode.kernels.{module}").compile_specs())
-    return specs
+def kernel_specs(module: str) -> list:
+    """The CompileSpecs of one kernel module (batchdecode.kernels.<module>)."""
+    return importlib.import_module(f"batchdecode.kernels.{module}").compile_specs()
 
 
-def _divisibility_attrs(signature: dict[str, str]) -> dict:
-    aligned = [i for i, (name, kind) in enumerate(signature.items())
-               if kind.startswith("*") or (kind[0] in "iu" and name.startswith("stride"))]
+def _divisibility_attrs(spec) -> dict:
+    """What Triton's launcher would know: 16-byte aligned pointers, strides that are multiples of 16."""
+    params = {p.name: p for p in getattr(spec.fn, "params", [])}
+
+    def specialized(name: str) -> bool:
+        return not getattr(params.get(name), "do_not_specialize", False)
+
+    aligned = [i for i, (name, kind) in enumerate(spec.signature.items()) if specialized(name)
+               and (kind.startswith("*") or (kind[0] in "iu" and name.startswith("stride")))]
     return {(i,): [["tt.divisibility", 16]] for i in aligned}
 
 
@@ -53,7 +56,7 @@ def compile_spec(spec, arch: int):
     from triton.compiler import ASTSource
 
     source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
-                       attrs=_divisibility_attrs(spec.signature))
+                       attrs=_divisibility_attrs(spec))
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
@@ -94,16 +97,27 @@ def report(arch: int, modules: tuple[str, ...] = KERNEL_MODULES) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_report needs real @triton.jit functions: unset TRITON_INTERPRET")
     rows = []
+    previous_cache = os.environ.get("TRITON_CACHE_DIR")
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # compile afresh: no kernel comes from an earlier run
-        for spec in kernel_specs(modules):
-            start = time.perf_counter()
-            kernel = compile_spec(spec, arch)
-            seconds = time.perf_counter() - start
-            rows.append({"name": spec.name, "arch": arch, "num_warps": spec.num_warps,
-                         "num_stages": spec.num_stages, "shared": kernel.metadata.shared,
-                         "compile_s": round(seconds, 2), **cubin_stats(kernel.asm["cubin"])})
+        try:
+            for module in modules:
+                for spec in kernel_specs(module):
+                    rows.append({"module": module, **_compile_row(spec, arch)})
+        finally:
+            if previous_cache is None:
+                del os.environ["TRITON_CACHE_DIR"]
+            else:
+                os.environ["TRITON_CACHE_DIR"] = previous_cache
     return rows
+
+
+def _compile_row(spec, arch: int) -> dict:
+    start = time.perf_counter()
+    kernel = compile_spec(spec, arch)
+    seconds = time.perf_counter() - start
+    return {"name": spec.name, "arch": arch, "num_warps": spec.num_warps, "num_stages": spec.num_stages,
+            "shared": kernel.metadata.shared, "compile_s": round(seconds, 2), **cubin_stats(kernel.asm["cubin"])}
 
 
 def format_table(rows: list[dict]) -> str:
