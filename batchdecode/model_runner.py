@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from itertools import chain
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -74,11 +75,10 @@ class ModelRunner:
         num_pad = 0 if num_rows is None else num_rows - len(seqs)
         starts = [seq.num_cached_tokens for seq in seqs] + [0] * num_pad
         q_lens = batch.num_new_tokens + [1] * num_pad
-        input_ids = torch.tensor(list(chain.from_iterable(
-            seq.token_ids[start:start + n] for seq, start, n in zip(seqs, starts, q_lens))) + [0] * num_pad,
-            dtype=torch.int64)
-        q_lens_t = torch.tensor(q_lens, dtype=torch.int64)
-        starts_t = torch.tensor(starts, dtype=torch.int64)
+        input_ids = _int64(list(chain.from_iterable(
+            seq.token_ids[start:start + n] for seq, start, n in zip(seqs, starts, q_lens))) + [0] * num_pad)
+        q_lens_t = _int64(q_lens)
+        starts_t = _int64(starts)
         cu_q_lens = torch.zeros(len(q_lens) + 1, dtype=torch.int64)
         torch.cumsum(q_lens_t, 0, out=cu_q_lens[1:])
         kv_lens = starts_t + q_lens_t
@@ -91,7 +91,7 @@ class ModelRunner:
         slot_mapping = pages * self.block_size + positions % self.block_size
         slot_mapping[int(cu_q_lens[len(seqs)]):] = -1
         # a row samples when this step reaches its last token; its logits come from that token
-        samples = kv_lens == torch.tensor([len(seq) for seq in seqs] + [0] * num_pad, dtype=torch.int64)
+        samples = kv_lens == _int64([len(seq) for seq in seqs] + [0] * num_pad)
         logits_indices = (cu_q_lens[1:] - 1)[samples]
         input_ids, positions, slot_mapping, cu_q_lens, kv_lens, logits_indices, block_table = self._to_device(
             input_ids, positions, slot_mapping, cu_q_lens, kv_lens, logits_indices, block_table)
@@ -103,8 +103,8 @@ class ModelRunner:
     @staticmethod
     def _block_table(seqs: list[Sequence], num_rows: int) -> Tensor:
         """[num_rows, max pages] int64, each row's pages then zeros (never read: past the row's kv_len)."""
-        lens = torch.tensor([len(seq.block_table) for seq in seqs], dtype=torch.int64)
-        pages = torch.tensor(list(chain.from_iterable(seq.block_table for seq in seqs)), dtype=torch.int64)
+        lens = _int64([len(seq.block_table) for seq in seqs])
+        pages = _int64(list(chain.from_iterable(seq.block_table for seq in seqs)))
         rows = torch.repeat_interleave(torch.arange(len(seqs)), lens)
         cols = torch.arange(len(pages)) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
         table = torch.zeros(num_rows, max(int(lens.max()), 1), dtype=torch.int64)
@@ -113,29 +113,35 @@ class ModelRunner:
 
     def prepare_sampling(self, seqs: list[Sequence]) -> SamplingTensors:
         params: list[SamplingParams] = [seq.params for seq in seqs]
+        banned = [(row, token) for row, seq in enumerate(seqs)
+                  if seq.num_completion_tokens < seq.params.min_tokens for token in seq.stop_token_ids]
+        logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        sampling = SamplingTensors(all_greedy=all(p.temperature == 0 for p in params),
+                                   max_logprobs=min(max(logprobs), self.model.vocab_size) if logprobs else None)
+        if banned:
+            banned_t = self._to_device(torch.tensor(banned, dtype=torch.int64))[0]
+            sampling.banned_rows, sampling.banned_tokens = banned_t[:, 0], banned_t[:, 1]
+        if not sampling.all_greedy:
+            self._prepare_random(sampling, seqs, params)
+        return sampling
+
+    def _prepare_random(self, sampling: SamplingTensors, seqs: list[Sequence], params: list[SamplingParams]) -> None:
         vocab_size = self.model.vocab_size
         floats = torch.tensor([[p.temperature, p.top_p, p.min_p] for p in params], dtype=torch.float32)
         top_ks = torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params])
-        banned = [(row, token) for row, seq in enumerate(seqs)
-                  if seq.num_completion_tokens < seq.params.min_tokens for token in seq.stop_token_ids]
         seeded = [(row, *seed_keys(p.seed, seq.num_completion_tokens))
                   for row, (seq, p) in enumerate(zip(seqs, params)) if p.seed is not None and p.temperature > 0]
         (floats,) = self._to_device(floats)
-        top_ks, banned_t, seeded_t = self._to_device(
-            top_ks, torch.tensor(banned, dtype=torch.int64).view(-1, 2), torch.tensor(seeded, dtype=torch.int64).view(-1, 3))
-        temperatures, top_ps, min_ps = floats.unbind(1)
-        logprobs = [p.logprobs for p in params if p.logprobs is not None]
-        return SamplingTensors(
-            temperatures=temperatures,
-            all_greedy=all(p.temperature == 0 for p in params),
-            top_ks=top_ks if any(0 < p.top_k < vocab_size for p in params) else None,
-            top_ps=top_ps if any(p.top_p < 1 for p in params) else None,
-            min_ps=min_ps if any(p.min_p > 0 for p in params) else None,
-            banned_rows=banned_t[:, 0] if banned else None,
-            banned_tokens=banned_t[:, 1] if banned else None,
-            seeded_rows=seeded_t[:, 0] if seeded else None,
-            seeded_keys=seeded_t[:, 1:] if seeded else None,
-            max_logprobs=min(max(logprobs), vocab_size) if logprobs else None)
+        top_ks, seeded_t = self._to_device(top_ks, torch.tensor(seeded, dtype=torch.int64).view(-1, 3))
+        sampling.temperatures, top_ps, min_ps = floats.unbind(1)
+        if any(0 < p.top_k < vocab_size for p in params):
+            sampling.top_ks = top_ks
+        if any(p.top_p < 1 for p in params):
+            sampling.top_ps = top_ps
+        if any(p.min_p > 0 for p in params):
+            sampling.min_ps = min_ps
+        if seeded:
+            sampling.seeded_rows, sampling.seeded_keys = seeded_t[:, 0], seeded_t[:, 1:]
 
     def _to_device(self, *tensors: Tensor) -> list[Tensor]:
         """Move small CPU tensors of one dtype to the device in one copy (non-blocking, from pinned memory)."""
@@ -183,3 +189,8 @@ class ModelRunner:
         self.kv_caches = []
         torch.cuda.empty_cache()
         return peak
+
+
+def _int64(values: list[int]) -> Tensor:
+    # torch.tensor(list) costs ~1 us an element; numpy converts a list of ints ~20x faster
+    return torch.from_numpy(np.array(values, dtype=np.int64))

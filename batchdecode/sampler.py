@@ -21,8 +21,8 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 class SamplingTensors:
     """Per-row sampling parameters on the logits' device; a filter no row uses is None."""
 
-    temperatures: Tensor            # [N] float32, 0 = greedy
     all_greedy: bool
+    temperatures: Tensor | None = None    # [N] float32, 0 = greedy; None when every row is greedy
     top_ks: Tensor | None = None    # [N] int64, vocab size where off
     top_ps: Tensor | None = None    # [N] float32, 1 where off
     min_ps: Tensor | None = None    # [N] float32, 0 where off

@@ -8,7 +8,7 @@ from batchdecode.sampler import SamplingTensors, sample, seed_keys
 
 
 def tensors(n, temperature=1.0, top_k=None, top_p=None, min_p=None, seeds=None, steps=None, vocab=8, **kw):
-    t = SamplingTensors(temperatures=torch.full((n,), float(temperature)), all_greedy=temperature == 0, **kw)
+    t = SamplingTensors(all_greedy=temperature == 0, temperatures=torch.full((n,), float(temperature)), **kw)
     if top_k is not None:
         t.top_ks = torch.full((n,), top_k, dtype=torch.int64)
     if top_p is not None:
