@@ -35,7 +35,7 @@ def _from_hub(repo_id: str, progress: bool) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model",
                                                                "*.txt", "*.tiktoken"]))
     except Exception as e:  # noqa: BLE001 — every hub failure becomes one line for the user
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].removeprefix("Got: ")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].removeprefix("Got: ").rstrip(".")
         raise InputError(f"--model {repo_id}: not a local folder, and fetching it from the Hugging Face hub "
                          f"failed (is the hub reachable from here?): {reason}. Pass a local checkpoint folder, "
                          f"or '{smollm2.ALIAS}' for the built-in demo model") from None

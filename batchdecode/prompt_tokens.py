@@ -43,8 +43,9 @@ def tokenize_all(requests: list[PromptLine], max_tokens: list[int], tokenizer, f
 
 def _context_limit(config, max_model_len: int | None) -> int | None:
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    limits = [n for n in (positions, max_model_len) if n]
-    return min(limits) if limits else None
+    if positions and max_model_len and max_model_len > positions:
+        raise InputError(f"--max-model-len {max_model_len} is longer than the model's {positions} positions")
+    return max_model_len or positions
 
 
 def _tokenize(request: PromptLine, tokenizer, chat: bool) -> list[int]:

@@ -1,6 +1,24 @@
-"""Small file helpers for the CLI tests."""
+"""Helpers for the CLI tests."""
 import json
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
+import torch
+
+
+@contextmanager
+def fast_engine():
+    """Kernels on their torch twins (the Triton interpreter is far too slow for whole generations), and one torch
+    thread (two pytest workers on two cores: spinning intra-op threads fight and run ~10x slower)."""
+    import batchdecode.kernels
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batchdecode.kernels, "use_triton", lambda x: x.is_cuda)
+        yield
+    torch.set_num_threads(threads)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -1,29 +1,21 @@
-"""CLI tests run the engine on the kernels' torch twins (the Triton interpreter is far too slow for whole
-generations) and on a tiny random llama checkpoint written once per session."""
+"""CLI tests run the engine on the kernels' torch twins, one thread, on a tiny random llama checkpoint written
+once per session. Module-scoped fixtures that generate must enter cli_util.fast_engine() themselves: they are
+set up before the autouse fixture below."""
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/tiny_models.py
-sys.path.insert(0, str(Path(__file__).resolve().parent))       # tests/cli/tiny_gguf.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))       # tests/cli/ helpers
+
+from cli_util import fast_engine  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def twins(monkeypatch):
-    import batchdecode.kernels
-    monkeypatch.setattr(batchdecode.kernels, "use_triton", lambda x: x.is_cuda)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two pytest workers on two cores: torch's spinning intra-op threads would fight and run ~10x slower.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _fast_engine():
+    with fast_engine():
+        yield
 
 
 @pytest.fixture(scope="session")
