@@ -61,30 +61,16 @@ def tile_config(dtype: torch.dtype, head_dim_pad: int) -> TileConfig:
 
 @triton.jit
 def _round_like(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """x (fp32) rounded to dtype: the value the GPU's round-to-nearest-even convert produces.
+    """x (fp32) rounded to dtype, as the GPU's round-to-nearest-even convert does.
 
-    On GPU this is the convert itself. The interpreter truncates fp32 -> bf16, so there the rounding is
-    done on the bits and the result stays fp32 (exactly representable in bf16).
+    The interpreter truncates fp32 -> bf16, so there the rounding is done on the bits and the result stays
+    fp32 (exactly representable in bf16). Helpers cost a lot per call in the interpreter: not for loops.
     """
-    if not INTERPRET:
-        return x.to(dtype)
-    elif dtype == tl.bfloat16:
+    if INTERPRET and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    elif dtype == tl.float16:
-        return x.to(tl.float16).to(tl.float32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     else:
-        return x
-
-
-@triton.jit
-def _operand(x, INTERPRET: tl.constexpr):
-    """A loaded tile as a tl.dot operand: its own dtype on GPU, fp32 in the interpreter."""
-    if INTERPRET:
-        return x.to(tl.float32)
-    else:
-        return x
+        return x.to(dtype)
 
 
 @triton.jit
@@ -99,27 +85,32 @@ def _find_row(cu_q_lens, q_block, num_rows, block_q, SEARCH: tl.constexpr):
     return row
 
 
-@triton.jit(do_not_specialize=["num_rows", "num_splits", "has_kv_start", "stride_bt"])
+@triton.jit(do_not_specialize=["num_rows", "num_q_blocks", "num_splits", "has_kv_start", "stride_bt"])
 def _paged_attention_kernel(
     out, q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start,
     part_acc, part_max, part_sum,
     scale_log2,  # softmax scale * log2(e): scores live in log2 units so exp2 does the softmax
-    num_rows, num_heads, num_kv_heads, group, head_chunks, log2_group_block, log2_block_size,
+    num_rows, num_q_blocks, num_heads, num_kv_heads, group, head_chunks, log2_group_block, log2_block_size,
     stride_q_tok, stride_q_head, stride_bt, num_splits, has_kv_start,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, SEARCH: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    q_block = tl.program_id(0)
+    # programs 0 .. num_q_blocks - 1 take query tiles (and split 0 of decode rows); the rest take
+    # splits 1 .. num_splits - 1 of each row, row-major, and leave at once unless the row decodes
+    pid = tl.program_id(0)
     kv_head = tl.program_id(1) // head_chunks
     chunk = tl.program_id(1) % head_chunks
-    split = tl.program_id(2)
     group_block = 1 << log2_group_block
     block_q = BLOCK_M >> log2_group_block
-
-    row = _find_row(cu_q_lens, q_block, num_rows, block_q, SEARCH)
+    if pid < num_q_blocks:
+        row = _find_row(cu_q_lens, pid, num_rows, block_q, SEARCH)
+        split = pid * 0
+    else:
+        row = (pid - num_q_blocks) // (num_splits - 1)
+        split = (pid - num_q_blocks) % (num_splits - 1) + 1
     q_lo = tl.load(cu_q_lens + row)
     q_len = tl.load(cu_q_lens + row + 1) - q_lo
-    q_first = (q_block - q_lo // block_q - row) * block_q
+    q_first = tl.where(split == 0, (pid - q_lo // block_q - row) * block_q, 0)
     if q_first >= q_len:
         return
     kv_len = tl.load(kv_lens + row)
@@ -133,6 +124,10 @@ def _paged_attention_kernel(
         return
 
     # tile rows: m = query * group_block + head within the group
+    kv_dtype = k_cache.dtype.element_ty
+    dot_dtype = kv_dtype
+    if INTERPRET:  # bf16 arithmetic is wrong in the interpreter: dot fp32 copies of the same values
+        dot_dtype = tl.float32
     offs_m = tl.arange(0, BLOCK_M)
     q_idx = q_first + (offs_m >> log2_group_block)
     head_in_group = chunk * group_block + (offs_m & (group_block - 1))
@@ -143,7 +138,7 @@ def _paged_attention_kernel(
     d_valid = offs_d < HEAD_DIM
     q_tok = (q_lo + q_idx).to(tl.int64)
     q_ptrs = q + q_tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :]
-    q_tile = _operand(tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0), INTERPRET)
+    q_tile = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0).to(dot_dtype)
 
     # KV range: from this split's first token to the causal limit of the tile's last query
     q_last = tl.minimum(q_first + block_q, q_len) - 1
@@ -156,7 +151,6 @@ def _paged_attention_kernel(
     pages = block_table + row.to(tl.int64) * stride_bt
     k_base = k_cache + kv_head * HEAD_DIM
     v_base = v_cache + kv_head * HEAD_DIM
-    kv_dtype = k_cache.dtype.element_ty
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
@@ -167,8 +161,8 @@ def _paged_attention_kernel(
         slot = page.to(tl.int64) * page_stride + (offs_n & ((1 << log2_block_size) - 1)) * tok_stride
         kv_offs = slot[:, None] + offs_d[None, :]
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = _operand(tl.load(k_base + kv_offs, mask=kv_mask, other=0.0), INTERPRET)
-        v = _operand(tl.load(v_base + kv_offs, mask=kv_mask, other=0.0), INTERPRET)
+        k = tl.load(k_base + kv_offs, mask=kv_mask, other=0.0).to(dot_dtype)
+        v = tl.load(v_base + kv_offs, mask=kv_mask, other=0.0).to(dot_dtype)
 
         s = tl.dot(q_tile, tl.trans(k), input_precision="ieee") * scale_log2
         s = tl.where(offs_n[None, :] <= q_slot[:, None], s, float("-inf"))
@@ -179,7 +173,12 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
-        acc = tl.dot(_round_like(p, kv_dtype, INTERPRET), v, acc, input_precision="ieee")
+        # P is rounded to the cache dtype for the tensor cores (as FlashAttention does); the interpreter
+        # rounds the same way (its own fp32 -> bf16 convert truncates)
+        if INTERPRET and kv_dtype == tl.bfloat16:
+            bits = p.to(tl.uint32, bitcast=True)
+            p = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        acc = tl.dot(p.to(kv_dtype).to(dot_dtype), v, acc, input_precision="ieee")
         m_i = m_new
 
     if row_splits > 1:
@@ -278,10 +277,13 @@ def paged_attention(
     kv_start = kv_start if has_kv_start else kv_lens  # never read
     scale = head_dim**-0.5 if scale is None else scale
 
-    grid = (num_tokens // (cfg.block_m // group_block) + num_rows, num_kv_heads * head_chunks, num_splits)
+    # query tiles (vLLM numbering: row s owns tiles cu_q_lens[s] // block_q + s onwards), then the extra
+    # splits of every row; a row's query tiles never exceed that bound, whatever cu_q_lens holds
+    num_q_blocks = num_tokens // (cfg.block_m // group_block) + num_rows
+    grid = (num_q_blocks + num_rows * (num_splits - 1), num_kv_heads * head_chunks)
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start, *parts,
-        scale * LOG2E, num_rows, num_heads, num_kv_heads, group, head_chunks,
+        scale * LOG2E, num_rows, num_q_blocks, num_heads, num_kv_heads, group, head_chunks,
         group_block.bit_length() - 1, block_size.bit_length() - 1,
         q.stride(0), q.stride(1), block_table.stride(0), num_splits, int(has_kv_start),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -380,7 +382,7 @@ def _attention_signature(ty: str) -> dict[str, str]:
     sig = {"out": f"*{ty}", "q": f"*{ty}", "k_cache": f"*{ty}", "v_cache": f"*{ty}", "block_table": "*i32",
            "cu_q_lens": "*i32", "kv_lens": "*i32", "kv_start": "*i32", "part_acc": "*fp32", "part_max": "*fp32",
            "part_sum": "*fp32", "scale_log2": "fp32"}
-    for name in ("num_rows", "num_heads", "num_kv_heads", "group", "head_chunks", "log2_group_block",
+    for name in ("num_rows", "num_q_blocks", "num_heads", "num_kv_heads", "group", "head_chunks", "log2_group_block",
                  "log2_block_size", "stride_q_tok", "stride_q_head", "stride_bt", "num_splits", "has_kv_start"):
         sig[name] = "i32"
     for name in ("HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_M", "BLOCK_N", "SPLIT", "SEARCH", "INTERPRET"):
