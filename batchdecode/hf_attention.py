@@ -104,11 +104,24 @@ def batchdecode_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     num_kv_heads = key.shape[1]
     if attention_mask is None:  # a model that builds no mask: no padding, queries are the last slots
         attention_mask = torch.ones(batch, key.shape[2], dtype=torch.bool, device=query.device)
-    pages = RowPages.build(attention_mask, q_len, num_kv_heads, key.shape[2])
+    pages = _pages_for(attention_mask, q_len, num_kv_heads, key.shape[2])
     q = pages.pack_queries(query)
     out = kernels.paged_attention(q, pages.view(key), pages.view(value), pages.block_table, pages.cu_q_lens,
                                   pages.kv_lens, kv_start=pages.kv_start, scale=scaling)
     return pages.unpack_output(out, num_heads, head_dim), None
+
+
+def _pages_for(mask: Tensor, q_len: int, num_kv_heads: int, kv_len: int) -> "RowPages":
+    """Every layer of a forward gets the same mask tensor: build its page layout once, kept on the tensor.
+
+    (The mask function makes a new mask tensor each forward, so the memo lives for one forward.)
+    """
+    memo = mask.__dict__.setdefault("_batchdecode_pages", {})
+    key = (mask._version, q_len, num_kv_heads, kv_len)
+    if key not in memo:
+        memo.clear()
+        memo[key] = RowPages.build(mask, q_len, num_kv_heads, kv_len)
+    return memo[key]
 
 
 def _check_call(query: Tensor, key: Tensor, attention_mask, dropout: float, kwargs: dict) -> None:
