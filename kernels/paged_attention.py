@@ -1,12 +1,14 @@
 """Paged attention in Triton: one kernel for decode, prefill and chunked prefill, plus a split-KV merge.
 
-Work unit: a query tile x one KV head (x one KV split). A query tile holds BLOCK_Q consecutive queries of one
-row times the GROUP_BLOCK query heads that share the KV head, packed as the BLOCK_M = BLOCK_Q * GROUP_BLOCK rows
-of the tl.dot, so K and V are read once per KV head (GQA). Groups that are not a power of two are padded
-and masked; groups above BLOCK_M are cut into chunks.
+Work unit: a query tile (or a KV split of a decode row) x one KV head. A query tile holds BLOCK_Q consecutive
+queries of one row times the GROUP_BLOCK query heads that share the KV head, packed as the
+BLOCK_M = BLOCK_Q * GROUP_BLOCK rows of the tl.dot, so K and V are read once per KV head (GQA). Groups that
+are not a power of two are padded and masked; groups above BLOCK_M are cut into chunks.
 
-Grid: (T // BLOCK_Q + S query tiles, KV heads x head chunks, KV splits), all from host-known shapes; a program
-finds its row from cu_q_lens (vLLM's "unified attention" numbering) and programs with no work exit.
+Grid, from host-known shapes only (no device sync): axis 0 holds T // BLOCK_Q + S query tiles, each finding
+its row from cu_q_lens (vLLM's "unified attention" numbering), then S * (splits - 1) programs for the later
+splits of decode rows; axis 1 holds KV heads x head chunks. Programs with no work exit at once. Nothing
+assumes a batch is all decode: a row with one query is split, any other row is covered by its query tiles.
 
 KV tiles are counted from each row's kv_start, never from page boundaries, and a row with a single query
 (decode) is cut into splits of SPLIT_TOKENS tokens, also counted from kv_start, merged in a fixed order.

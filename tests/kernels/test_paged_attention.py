@@ -142,7 +142,7 @@ CASES = [  # dtype, heads, kv_heads, head_dim, block_size, mode
     (BF16, 32, 4, 128, 16, "decode"),
     (BF16, 4, 1, 80, 1, "chunked"),
     (BF16, 3, 3, 256, 16, "decode"),
-    (BF16, 8, 8, 64, 256, "chunked"),
+    (BF16, 2, 2, 64, 256, "chunked"),
     (BF16, 4, 2, 128, 64, "prefill"),
 ]
 
