@@ -8,6 +8,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# pytest -n 2 runs one worker per core; torch's own intra-op threads would make the workers spin against
+# each other (seen: 15 minutes instead of 2 for tests/engine).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
