@@ -141,8 +141,10 @@ def _header(device, budget: float, commit: str) -> str:
         except ImportError:
             versions.append(f"{name} missing")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    from bench.common import machine_note
     return (f"# python -m bench {' '.join(sys.argv[1:]) or 'all'}\n"
-            f"device: {device.name}; {', '.join(versions)}; commit {commit}; {now}; budget {budget:.0f} s")
+            f"device: {device.name}; {', '.join(versions)}; commit {commit}; {now}; budget {budget:.0f} s. "
+            + machine_note(device).replace("at the end", "at the start"))
 
 
 def _forget_old_results(slug: str) -> None:

@@ -37,6 +37,7 @@ class Result:
 
 
 def compare(out: Tensor, ref: Tensor, tol: float) -> tuple[float, float, bool]:
+    out, ref = out.cpu(), ref.cpu()
     diff = out.double() - ref.double()
     if torch.isnan(out).any():
         return math.inf, math.inf, False
@@ -125,8 +126,10 @@ def check_attention(c: AttentionCase, device: Device, gen: torch.Generator) -> R
     from batchdecode.kernels import reference
     args, kv_start = _attention_inputs(c, device.kind, gen)
     out = kernels.paged_attention(*args, kv_start=kv_start)
-    q, k_cache, v_cache, *meta = args
-    ref = reference.paged_attention(q.double(), k_cache.double(), v_cache.double(), *meta, kv_start=kv_start)
+    # float64 on the CPU: the twin is the CPU backend
+    q, k_cache, v_cache, *meta = (t.cpu() for t in args)
+    ref = reference.paged_attention(q.double(), k_cache.double(), v_cache.double(), *meta,
+                                    kv_start=None if kv_start is None else kv_start.cpu())
     max_err, rel, ok = compare(out, ref, TOLERANCE[c.dtype])
     note = ""
     if ok and c.rows > 1:

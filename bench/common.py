@@ -128,6 +128,14 @@ def matmul_tflops(device: Device) -> tuple[float, str]:
     return 2 * n**3 / (ms * 1e-3) / 1e12, f"{str(dtype).removeprefix('torch.')} {n}^3"
 
 
+def machine_note(device: Device) -> str:
+    """On a shared CPU, other processes' load moves every number: say how loaded it was."""
+    if device.is_cuda:
+        return ""
+    one, five, _ = os.getloadavg()
+    return f"CPU load average at the end: {one:.1f} (1 min), {five:.1f} (5 min), torch threads {torch.get_num_threads()}."
+
+
 # ---- formatting
 
 def md_table(headers: list[str], rows: list[list]) -> str:

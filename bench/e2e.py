@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.common import Deadline, Device, detect_device, md_table, save, save_json
+from bench.common import Deadline, Device, detect_device, machine_note, md_table, save, save_json
 
 PAD_ID = 0
 
@@ -76,6 +76,8 @@ def smollm2(device: Device):
 
 def from_checkpoint(path, dtype: torch.dtype, device: Device):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device.kind)
 
 
@@ -101,7 +103,9 @@ def run_batchdecode(model, work: Workload) -> Run:
     from batchdecode import LLM, SamplingParams
     block_size = 16
     pages = sum(-(-(len(p) + work.max_tokens) // block_size) for p in work.prompts)
-    llm = LLM(model, dtype=model.dtype, block_size=block_size, max_num_seqs=256, num_kv_blocks=pages + pages // 8 + 64)
+    # KV pool and context sized to the workload, as a user who knows it would (CUDA graphs are captured here)
+    llm = LLM(model, dtype=model.dtype, block_size=block_size, max_num_seqs=256, num_kv_blocks=pages + pages // 8 + 64,
+              max_model_len=max(len(p) for p in work.prompts) + work.max_tokens)
     requests = [{"prompt_token_ids": p} for p in work.prompts]
     # warm-up: every prompt once with two new tokens compiles each kernel variant the timed run will use
     llm.generate(requests, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
@@ -250,9 +254,11 @@ def report(runs: list[Run], work: Workload, device: Device, model_name: str, dty
         "",
         f"Model: {model_name}, {dtype}. {len(work.prompts)} token-id prompts (seed {work.seed}), lengths "
         f"{min(lengths)}..{max(lengths)} (mean {sum(lengths) / len(lengths):.0f}), {work.max_tokens} new tokens "
-        "each, greedy, EOS ignored. Wall time of the generate calls after a warm-up; transformers batches are "
-        "left-padded in input order. 'speedup' = batchdecode tokens/s / the row's tokens/s. Matches compare each "
-        "request's tokens with batchdecode's.",
+        "each, greedy, EOS ignored. Wall time of the generate calls after a warm-up (batchdecode: LLM built with "
+        "max_num_seqs=256 and max_model_len / KV pool sized to the workload; its construction, which captures "
+        "CUDA graphs, is not timed); transformers batches are left-padded in input order, default attention. "
+        "'speedup' = batchdecode tokens/s / the row's tokens/s. Matches compare each request's tokens with "
+        f"batchdecode's. {machine_note(device)}",
         "",
         md_table(["method", "batch", "prompts", "tokens", "seconds", "tokens/s", "speedup", "same tokens",
                   "matched prefix", "notes"], table),
