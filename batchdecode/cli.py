@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         return generate(args)
-    except InputError as e:
+    except (InputError, OSError) as e:   # OSError: a file we cannot read or write (permissions, disk full)
         print(f"batchdecode: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:   # before generation started; nothing was written
