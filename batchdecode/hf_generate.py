@@ -67,8 +67,8 @@ def _check_shapes(input_ids: Tensor, attention_mask: Tensor | None) -> None:
         raise ValueError("input_ids must be an integer tensor [batch, length], as model.generate takes; got "
                          + (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, Tensor)
                             else type(input_ids).__name__))
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids has no tokens")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} is empty")
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
                          f"{tuple(input_ids.shape)}: they must match")

@@ -167,6 +167,8 @@ def test_bad_inputs_raise_naming_the_problem(twin, models):
         hf_generate.generate(model, ids, mask[:, 1:], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"input_ids must be an integer tensor \[batch, length\]"):
         hf_generate.generate(model, ids[0], max_new_tokens=2)
+    with pytest.raises(ValueError, match="is empty"):
+        hf_generate.generate(model, ids[:0], max_new_tokens=2)
     for option in (dict(num_beams=2), dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2)):
         with pytest.raises(ValueError, match=f"does not support {next(iter(option))}="):
             hf_generate.generate(model, ids, mask, max_new_tokens=2, **option)
