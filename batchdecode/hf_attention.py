@@ -104,6 +104,8 @@ def batchdecode_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     num_kv_heads = key.shape[1]
     if attention_mask is None:  # a model that builds no mask: no padding, queries are the last slots
         attention_mask = torch.ones(batch, key.shape[2], dtype=torch.bool, device=query.device)
+    elif attention_mask.dtype != torch.bool:  # a raw 0/1 mask from a model that skips the mask function
+        attention_mask = attention_mask.bool()
     pages = _pages_for(attention_mask, q_len, num_kv_heads, key.shape[2])
     q = pages.pack_queries(query)
     out = kernels.paged_attention(q, pages.view(key), pages.view(value), pages.block_table, pages.cu_q_lens,
