@@ -178,14 +178,10 @@ def _load_engine(args, folder: Path, tokenizer):
 
 
 def _finished(llm, prompt_ids: list[list[int]], params: list, indices: list[int]):
-    """(input index, RequestOutput) for each request once it is done."""
-    # generate() returns when its whole list is done, so feed it windows of a few batches: each window's
-    # results reach the file when it completes, and only the tail of a window runs below full batch.
-    window = 4 * llm.config.max_num_seqs
-    for start in range(0, len(prompt_ids), window):
-        prompts = [{"prompt_token_ids": ids} for ids in prompt_ids[start:start + window]]
-        for offset, output in enumerate(llm.generate(prompts, params[start:start + window], use_tqdm=False)):
-            yield indices[start + offset], output
+    """(input index, RequestOutput) for each request as soon as it is done, in finish order."""
+    prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
+    for output in llm.generate_iter(prompts, params, use_tqdm=False):
+        yield indices[output.index], output
 
 
 def _record(request: PromptLine, output) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator
 import os
 import time
 from dataclasses import dataclass
@@ -85,21 +86,28 @@ class LLM:
 
         Every request is checked before any work starts; a bad one raises ValueError naming its index.
         """
+        outputs = list(self.generate_iter(prompts, sampling_params, use_tqdm=use_tqdm))
+        return sorted(outputs, key=operator.attrgetter("index"))
+
+    def generate_iter(self, prompts: Prompt | list[Prompt],
+                      sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                      *, use_tqdm: bool = True) -> Iterator[RequestOutput]:
+        """Like generate, but yields each RequestOutput as soon as its request finishes (finish order; .index is
+        the prompt's position). Closing the iterator early drops the requests still running and frees their pages.
+        """
         seqs = self._make_sequences(prompts, sampling_params)
         for seq in seqs:
             self.scheduler.add(seq)
-        outputs: list[RequestOutput | None] = [None] * len(seqs)
         progress = _Progress(len(seqs), use_tqdm)
         try:
             while not self.scheduler.is_finished():
                 finished, num_prefill, num_decode = self.step()
-                for seq in finished:
-                    outputs[seq.index] = self._output(seq)
                 progress.update(len(finished), num_prefill, num_decode)
+                for seq in finished:
+                    yield self._output(seq)
         finally:
             self.scheduler.abort_all()   # nothing left after a normal run; frees the pages after an error
             progress.close()
-        return outputs
 
     def step(self) -> tuple[list[Sequence], int, int]:
         """One engine step. Returns the requests it finished and how many prefill and decode tokens it computed."""
