@@ -32,9 +32,9 @@ MEMORY_OPS = ("LDG", "STG", "LDGSTS", "UTMALDG", "UTMASTG")
 COUNTED_OPS = ("HGMMA", "HMMA", "MUFU.EX2")
 
 
-def kernel_specs(module: str) -> list:
-    """The CompileSpecs of one kernel module (batchdecode.kernels.<module>)."""
-    return importlib.import_module(f"batchdecode.kernels.{module}").compile_specs()
+def kernel_specs(module: str, arch: int) -> list:
+    """The CompileSpecs one kernel module (batchdecode.kernels.<module>) can launch on sm_{arch}."""
+    return importlib.import_module(f"batchdecode.kernels.{module}").compile_specs(arch)
 
 
 def _divisibility_attrs(spec) -> dict:
@@ -102,7 +102,7 @@ def report(arch: int, modules: tuple[str, ...] = KERNEL_MODULES) -> list[dict]:
         os.environ["TRITON_CACHE_DIR"] = cache  # compile afresh: no kernel comes from an earlier run
         try:
             for module in modules:
-                for spec in kernel_specs(module):
+                for spec in kernel_specs(module, arch):
                     rows.append({"module": module, **_compile_row(spec, arch)})
         finally:
             if previous_cache is None:

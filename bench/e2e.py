@@ -256,7 +256,7 @@ def report(runs: list[Run], work: Workload, device: Device, model_name: str, dty
         f"{min(lengths)}..{max(lengths)} (mean {sum(lengths) / len(lengths):.0f}), {work.max_tokens} new tokens "
         "each, greedy, EOS ignored. Wall time of the generate calls after a warm-up (batchdecode: LLM built with "
         "max_num_seqs=256 and max_model_len / KV pool sized to the workload; its construction, which captures "
-        "CUDA graphs, is not timed); transformers batches are left-padded in input order, default attention. "
+        "CUDA graphs on a GPU, is not timed); transformers batches are left-padded in input order, default attention. "
         "'speedup' = batchdecode tokens/s / the row's tokens/s. Matches compare each request's tokens with "
         f"batchdecode's. {machine_note(device)}",
         "",
