@@ -41,7 +41,7 @@ def silu_and_mul(x: Tensor) -> Tensor:
     return out
 
 
-def compile_specs() -> list[CompileSpec]:
+def compile_specs(arch: int) -> list[CompileSpec]:
     """Each dtype at a large intermediate size (BLOCK tops out at 1024), bf16 at a small one."""
     specs = []
     for dtype, n in (("bf16", 14336), ("fp16", 14336), ("fp32", 14336), ("bf16", 96)):

@@ -1,4 +1,8 @@
-"""A kernel configuration a launcher can pick, described well enough to compile it for a GPU without one."""
+"""A kernel configuration a launcher can pick, described well enough to compile it for a GPU without one.
+
+Each kernel module has `compile_specs(arch: int) -> list[CompileSpec]`: every configuration its launcher can
+pick on sm_{arch} (tests/kernels/test_compile.py and bench/compile_report.py compile them all).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -19,6 +19,7 @@ pages outside [kv_start, causal limit) are never read.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -48,17 +49,29 @@ class TileConfig:
     num_stages: int
 
 
-def tile_config(dtype: torch.dtype, head_dim_pad: int) -> TileConfig:
-    """Per dtype and padded head dim only, never per batch, so a row's arithmetic never changes.
+def tile_config(dtype: torch.dtype, head_dim_pad: int, arch: int) -> TileConfig:
+    """Per dtype, padded head dim and GPU architecture only, never per batch, so a row's arithmetic never changes.
 
     Half types: 64-row tiles, the smallest Hopper wgmma (HGMMA), up to 254 registers and no spills on sm_90.
+    Ampere's mma keeps more of the tile in registers: 4 warps spill 24-40 bytes there at head dims 80-128,
+    8 warps do not (same tiles, so the same arithmetic).
     fp32 runs an exact FMA dot (no tf32): 16-row tiles keep its operands in registers without spilling.
     """
     if dtype == torch.float32:
         return TileConfig(block_m=16, block_n=32 if head_dim_pad == 64 else 16, num_warps=4, num_stages=2)
     if head_dim_pad <= 128:
-        return TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+        warps = 8 if arch < 90 and head_dim_pad > 64 else 4
+        return TileConfig(block_m=64, block_n=64, num_warps=warps, num_stages=3)
     return TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(device: torch.device) -> int:
+    """Compute capability as 90, 80, ...; the interpreter takes Hopper's tiles."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 @triton.jit
@@ -269,7 +282,7 @@ def paged_attention(
 
     group = num_heads // num_kv_heads
     head_dim_pad = triton.next_power_of_2(head_dim)
-    cfg = tile_config(q.dtype, head_dim_pad)
+    cfg = tile_config(q.dtype, head_dim_pad, _device_arch(q.device))
     group_block = min(triton.next_power_of_2(group), cfg.block_m)
     head_chunks = triton.cdiv(group, group_block)
     assert SPLIT_TOKENS % cfg.block_n == 0, "a split must hold whole KV tiles"
@@ -354,8 +367,8 @@ def _check_inputs(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start
         raise ValueError(f"paged_attention: {num_tokens} query tokens but no rows in block_table")
 
 
-def compile_specs() -> list[CompileSpec]:
-    """Every kernel configuration the launcher can pick: one per (dtype, head dim) for each kernel.
+def compile_specs(arch: int) -> list[CompileSpec]:
+    """Every kernel configuration the launcher can pick on sm_{arch}: one per (dtype, head dim) for each kernel.
 
     Group size, page size, batch shape and kv_start are runtime arguments, so they add no variants.
     """
@@ -364,7 +377,7 @@ def compile_specs() -> list[CompileSpec]:
         ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
         for head_dim in HEAD_DIMS:
             pad = triton.next_power_of_2(head_dim)
-            cfg = tile_config(dtype, pad)
+            cfg = tile_config(dtype, pad, arch)
             specs.append(CompileSpec(
                 name=f"paged_attention[{ty},D={head_dim}]", fn=_paged_attention_kernel,
                 signature=_attention_signature(ty),

@@ -80,7 +80,7 @@ def _spec(dtype: str, n: int, has_residual: bool) -> CompileSpec:
     )
 
 
-def compile_specs() -> list[CompileSpec]:
+def compile_specs(arch: int) -> list[CompileSpec]:
     """bf16 at each warp count the launcher picks (1 to 16) up to the widest row; fp16, fp32 and no residual
     at a few."""
     specs = [_spec("bf16", n, True) for n in (128, 576, 2048, 4096, 8192, 16384, MAX_BLOCK)]

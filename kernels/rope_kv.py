@@ -248,7 +248,7 @@ def _signature(names: list[str], dtype: str, constexprs: dict) -> dict[str, str]
     return signature
 
 
-def compile_specs() -> list[CompileSpec]:
+def compile_specs(arch: int) -> list[CompileSpec]:
     """Every model shape in bf16; fp16 and fp32 on two of them; store_kv at each head_dim."""
     specs = []
     for model, h, kvh, d, r, neox in MODEL_SHAPES:

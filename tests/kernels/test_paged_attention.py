@@ -255,9 +255,10 @@ def test_rejects_bad_calls(what, call, message):
         triton_module.paged_attention(**call())
 
 
-def test_compile_specs_cover_every_choice():
+@pytest.mark.parametrize("arch", [80, 90])
+def test_compile_specs_cover_every_choice(arch):
     """One attention and one merge spec per dtype and head dim, each naming exactly the kernel's arguments."""
-    specs = triton_module.compile_specs()
+    specs = triton_module.compile_specs(arch)
     assert len(specs) == 2 * len(triton_module.DTYPES) * len(triton_module.HEAD_DIMS)
     for spec in specs:
         assert list(spec.signature) == spec.fn.arg_names, spec.name
