@@ -588,7 +588,9 @@ def report(rows, skipped, device, copy_gbs, mm_tflops, mm_what) -> dict:
         "",
         f"bf16, page size {BLOCK_SIZE}, batchdecode backend: {backend_name(device)}. Ceilings measured in this run: "
         f"device-to-device copy {copy_gbs:.0f} GB/s (bytes read + written), matmul ({mm_what}) {mm_tflops:.1f} TFLOP/s.",
-        "Times are medians (CUDA events, L2 flushed between runs, on GPU). 'valid MB' is what a perfect kernel moves: "
+        ("Times are medians of CUDA-event timings with L2 flushed between runs (triton do_bench). " if device.is_cuda
+         else "Times are medians of host-clock timings. ")
+        + "'valid MB' is what a perfect kernel moves: "
         "each valid K/V byte once, plus q and out. Peers get the same rows as a dense left-padded batch "
         "(sdpa: boolean mask, K/V repeated to every head; flex: compiled, block mask, GQA). 'x peer' = peer time / "
         "ours. 'skew t/pred' = time / (bytes at the uniform case's GB/s). Errors: against a float32 reference on "
