@@ -186,9 +186,9 @@ def workload(device: Device, args, vocab: int) -> Workload:
     if args.quick:
         count, lengths, max_tokens, batches, single = 4, (3, 12), 4, (2,), 2
     elif device.is_cuda:
-        count, lengths, max_tokens, batches, single = 256, (16, 512), 128, (16, 64), 8
+        count, lengths, max_tokens, batches, single = 256, (16, 512), 128, (64, 16), 8
     else:
-        count, lengths, max_tokens, batches, single = 32, (8, 64), 32, (16, 64), 16
+        count, lengths, max_tokens, batches, single = 32, (8, 64), 32, (64, 16), 16
     count = args.prompts or count
     max_tokens = args.max_tokens or max_tokens
     return Workload(make_prompts(count, *lengths, vocab, seed=0), max_tokens, batches, min(single, count))

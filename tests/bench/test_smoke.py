@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_all_quick(tmp_path):
     model = save_tiny_checkpoint("qwen2", tmp_path / "model")
     results = tmp_path / "results"
-    env = dict(os.environ, BENCH_RESULTS=str(results), PYTHONPATH=str(ROOT))
+    # one torch thread: tiny sizes gain nothing from two, and pytest -n 2 already fills both cores
+    env = dict(os.environ, BENCH_RESULTS=str(results), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("OUT", None)
     env.pop("TRITON_INTERPRET", None)  # the runner sets it for the check section itself
     command = [sys.executable, "-m", "bench", "all", "--quick", "--sections", "check,attention,e2e",
