@@ -37,6 +37,8 @@ def paged_attention(
     acc = _acc_dtype(q)
     out = torch.empty_like(q)
     cu = cu_q_lens.tolist()
+    if cu == list(range(len(cu))):  # decode: one query a row
+        return _decode_attention(q, k_cache, v_cache, block_table, kv_lens, kv_start, scale)
     lens = kv_lens.tolist()
     starts = [0] * len(lens) if kv_start is None else kv_start.tolist()
     for s, (kv_len, start) in enumerate(zip(lens, starts)):
@@ -61,6 +63,40 @@ def paged_attention(
         probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
         out[q_lo:q_hi] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
     return out
+
+
+def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, kv_lens: Tensor,
+                      kv_start: Tensor | None, scale: float) -> Tensor:
+    """paged_attention when every row has one query (at its last slot), without a loop over rows.
+
+    The valid slots of all rows are gathered in one list, so work grows with valid tokens only (no padding to
+    the longest row); each row's softmax is then a segment reduction over its own slots.
+    """
+    num_rows, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    acc = _acc_dtype(q)
+    starts = torch.zeros_like(kv_lens) if kv_start is None else kv_start
+    lens = (kv_lens - starts).clamp(min=0).long()
+    num_slots = int(lens.sum())
+
+    def per_slot(x: Tensor) -> Tensor:  # repeat each row's entry over its slots (a copy, faster than x[row])
+        return torch.repeat_interleave(x, lens, dim=0, output_size=num_slots)
+
+    row = per_slot(torch.arange(num_rows, device=q.device))
+    slot = per_slot(starts.long() - (torch.cumsum(lens, 0) - lens)) + torch.arange(num_slots, device=q.device)
+    flat_slot = block_table.long()[row, slot // block_size] * block_size + slot % block_size
+    k = k_cache.view(-1, num_kv_heads * head_dim).index_select(0, flat_slot).view(-1, num_kv_heads, 1, head_dim)
+    v = v_cache.view(-1, num_kv_heads * head_dim).index_select(0, flat_slot).view(-1, num_kv_heads, 1, head_dim)
+    qs = q.to(acc).view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = (per_slot(qs) * k.to(acc)).sum(-1) * scale                             # [N, KVH, G]
+    segment = row.view(-1, 1, 1).expand_as(scores)
+    row_max = scores.new_full(qs.shape[:-1], float("-inf")).scatter_reduce(0, segment, scores, "amax")
+    weights = torch.exp(scores - per_slot(row_max))
+    denom = torch.zeros_like(row_max).index_add_(0, row, weights)
+    out = torch.zeros_like(qs).index_add_(0, row, weights.unsqueeze(-1) * v.to(acc))
+    # a row that sees no slot (kv_start at or past kv_len) outputs zeros, not NaN
+    out = out / denom.clamp(min=torch.finfo(acc).tiny).unsqueeze(-1)
+    return out.view(num_rows, num_heads, head_dim).to(q.dtype)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, neox_style: bool) -> Tensor:
