@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/tiny_models.py
-sys.path.insert(0, str(Path(__file__).resolve().parent))       # tests/cli/ helpers
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # tests/cli/ helpers (tiny_models.py is on pytest's pythonpath)
 
 from cli_util import fast_engine  # noqa: E402
 
