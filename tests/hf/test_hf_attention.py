@@ -2,7 +2,6 @@
 
 Most tests run the kernel's torch twin (fast); one runs the Triton kernel in the interpreter.
 """
-import importlib.util
 import re
 
 import pytest
@@ -12,8 +11,6 @@ import batchdecode.kernels
 from batchdecode import hf_attention
 from tiny_models import tiny_model, tiny_tokenizer
 
-needs_kernel = pytest.mark.skipif(importlib.util.find_spec("batchdecode.kernels.paged_attention") is None,
-                                  reason="the Triton paged_attention kernel is not written yet")
 PROMPTS = ["The capital of France is", "Hi", "def add(a, b):\n    return a", "Once upon a time there"]
 
 
@@ -91,7 +88,7 @@ def test_static_cache(twin):
     _assert_same_generation(tiny_model("llama"), _batch(PROMPTS), max_new_tokens=4, cache_implementation="static")
 
 
-@pytest.mark.parametrize("backend", ["twin", pytest.param("triton", marks=needs_kernel)])
+@pytest.mark.parametrize("backend", ["twin", "triton"])
 def test_pad_slots_are_skipped_not_masked(backend, monkeypatch):
     """NaN in every pad slot of K/V and every pad query cannot reach a real output, and pad queries give 0."""
     if backend == "twin":
@@ -132,7 +129,6 @@ def test_active_sliding_window_raises_inactive_one_runs(twin):
         model.generate(**_batch(PROMPTS), max_new_tokens=2, do_sample=False)
 
 
-@needs_kernel
 def test_triton_kernel_in_interpreter():
     model = tiny_model("qwen2")
     _assert_same_generation(model, _batch(PROMPTS[:2]), max_new_tokens=3)
