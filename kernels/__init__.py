@@ -15,13 +15,15 @@ from . import reference
 # name on this package, and several modules share their kernel's name (paged_attention, rms_norm). Defining
 # the functions afterwards makes `batchdecode.kernels.paged_attention` the function, as documented.
 try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:  # no triton on this platform (it ships for Linux only): the twins serve every call
+    HAVE_TRITON = False
+if HAVE_TRITON:  # outside the try, so that a broken kernel module fails loudly instead of falling back
     from . import activation as _activation
     from . import paged_attention as _paged_attention
     from . import rms_norm as _rms_norm
     from . import rope_kv as _rope_kv
-    HAVE_TRITON = True
-except ImportError:  # no triton on this platform: the twins serve every call
-    HAVE_TRITON = False
 
 __all__ = ["paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul", "reference",
            "use_triton"]
