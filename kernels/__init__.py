@@ -6,6 +6,8 @@ TRITON_INTERPRET=1 is set, when the Triton kernels run in Triton's interpreter.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import Tensor
 
@@ -26,10 +28,32 @@ if HAVE_TRITON:  # outside the try, so that a broken kernel module fails loudly 
     from . import rope_kv as _rope_kv
 
 __all__ = ["paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul", "reference",
-           "use_triton"]
+           "backend", "use_triton"]
+
+BACKENDS = ("auto", "triton", "torch")
+_backend = "auto"
+
+
+@contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Run the kernels on one backend inside the block: "torch" (the twins, on any device), "triton" (CUDA
+    tensors, or any tensor under TRITON_INTERPRET=1), or "auto" (CUDA -> Triton, CPU -> twins, unless
+    TRITON_INTERPRET=1 sends CPU tensors to the interpreter)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "triton" and not HAVE_TRITON:
+        raise ValueError("backend('triton'): triton is not installed on this platform")
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
 
 
 def use_triton(x: Tensor) -> bool:
+    if _backend == "torch":
+        return False
     return HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 

@@ -16,3 +16,12 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def twins():
+    """Run the kernels on their torch twins (the Triton interpreter is far too slow for whole generations)."""
+    from batchdecode import kernels
+
+    with kernels.backend("torch"):
+        yield

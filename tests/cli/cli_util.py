@@ -3,7 +3,6 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import torch
 
 
@@ -15,8 +14,7 @@ def fast_engine():
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(batchdecode.kernels, "use_triton", lambda x: x.is_cuda)
+    with batchdecode.kernels.backend("torch"):
         yield
     torch.set_num_threads(threads)
 

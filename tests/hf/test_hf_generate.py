@@ -16,9 +16,8 @@ ARCHS = ["llama", "qwen2", "qwen3", "gpt2"]
 
 
 @pytest.fixture
-def twin(monkeypatch):
+def twin(twins):
     """Run the kernels' torch twins instead of the Triton interpreter."""
-    monkeypatch.setattr(batchdecode.kernels, "use_triton", lambda x: False)
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,8 @@ def smollm2_model():
 
 
 @pytest.fixture(autouse=True)
-def twin(monkeypatch):
+def twin(twins):
     """The CPU backend: the kernels' torch twins (the interpreter would take minutes for 30 layers)."""
-    monkeypatch.setattr(batchdecode.kernels, "use_triton", lambda x: False)
 
 
 def _batch(tok, side):

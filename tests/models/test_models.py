@@ -41,12 +41,6 @@ def make_hf(arch: str, overrides: dict | None = None, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.fixture
-def twins(monkeypatch):
-    """Route batchdecode.kernels to the torch twins (the Triton interpreter is too slow for whole models)."""
-    monkeypatch.setattr(kernels, "use_triton", lambda x: False)
-
-
 def random_tokens(gen: torch.Generator, n: int) -> list[int]:
     return torch.randint(0, VOCAB_SIZE, (n,), generator=gen).tolist()
 
