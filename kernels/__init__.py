@@ -13,19 +13,14 @@ from torch import Tensor
 
 from . import reference
 
-# The Triton modules are imported before the dispatchers below are defined: importing a submodule binds its
-# name on this package, and several modules share their kernel's name (paged_attention, rms_norm). Defining
-# the functions afterwards makes `batchdecode.kernels.paged_attention` the function, as documented.
+# The Triton modules are named for their implementation (triton_*), so no submodule shadows a function here.
 try:
     import triton  # noqa: F401
     HAVE_TRITON = True
 except ImportError:  # no triton on this platform (it ships for Linux only): the twins serve every call
     HAVE_TRITON = False
 if HAVE_TRITON:  # outside the try, so that a broken kernel module fails loudly instead of falling back
-    from . import activation as _activation
-    from . import paged_attention as _paged_attention
-    from . import rms_norm as _rms_norm
-    from . import rope_kv as _rope_kv
+    from . import triton_activation, triton_attention, triton_rms_norm, triton_rope_kv
 
 __all__ = ["paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul", "reference",
            "backend", "use_triton"]
@@ -58,27 +53,27 @@ def use_triton(x: Tensor) -> bool:
 
 
 def paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, *, kv_start=None, scale=None) -> Tensor:
-    impl = _paged_attention.paged_attention if use_triton(q) else reference.paged_attention
+    impl = triton_attention.paged_attention if use_triton(q) else reference.paged_attention
     return impl(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start=kv_start, scale=scale)
 
 
 def rope_and_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, *,
                       rotary_dim=None, neox_style=True) -> tuple[Tensor, Tensor]:
-    impl = _rope_kv.rope_and_store_kv if use_triton(q) else reference.rope_and_store_kv
+    impl = triton_rope_kv.rope_and_store_kv if use_triton(q) else reference.rope_and_store_kv
     return impl(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
                 rotary_dim=rotary_dim, neox_style=neox_style)
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    impl = _rope_kv.store_kv if use_triton(k) else reference.store_kv
+    impl = triton_rope_kv.store_kv if use_triton(k) else reference.store_kv
     impl(k, v, k_cache, v_cache, slot_mapping)
 
 
 def rms_norm(x, weight, eps, residual=None) -> tuple[Tensor, Tensor]:
-    impl = _rms_norm.rms_norm if use_triton(x) else reference.rms_norm
+    impl = triton_rms_norm.rms_norm if use_triton(x) else reference.rms_norm
     return impl(x, weight, eps, residual)
 
 
 def silu_and_mul(x) -> Tensor:
-    impl = _activation.silu_and_mul if use_triton(x) else reference.silu_and_mul
+    impl = triton_activation.silu_and_mul if use_triton(x) else reference.silu_and_mul
     return impl(x)

@@ -7,7 +7,6 @@ With TRITON_INTERPRET=0 on a machine with a GPU the same tests run the compiled 
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, replace
 
@@ -19,7 +18,7 @@ from torch import Tensor
 from batchdecode import kernels
 from batchdecode.kernels import reference
 
-triton_module = importlib.import_module("batchdecode.kernels.paged_attention")
+from batchdecode.kernels import triton_attention as triton_module
 SMALL_SPLIT = 64  # tokens per decode split in most tests, so that two splits cost two KV tiles
 
 

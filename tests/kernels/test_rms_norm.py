@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from batchdecode import kernels
 from batchdecode.kernels import reference
-from batchdecode.kernels.rms_norm import MAX_BLOCK
+from batchdecode.kernels.triton_rms_norm import MAX_BLOCK
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
