@@ -1,6 +1,7 @@
 """The LLM: prompts in, RequestOutputs out, via a schedule -> run -> postprocess loop."""
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Iterator
 import os
@@ -16,7 +17,7 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, decode_completion
 from .model_runner import ModelRunner
 from .models import load_model
-from .outputs import RequestOutput
+from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -34,6 +35,7 @@ class EngineConfig:
     max_model_len: int | None = None
     num_kv_blocks: int | None = None
     kv_cache_memory_fraction: float = 0.9
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks"):
@@ -59,14 +61,16 @@ class LLM:
     max_num_batched_tokens tokens needs; on CPU it holds max_num_seqs x 512 tokens, capped at 2 GiB.
     max_model_len (prompt + max_tokens) defaults to the longest context the model computes exactly.
     On CUDA, decode steps replay CUDA graphs captured at start-up; enforce_eager=True runs every step eagerly.
+    enable_prefix_caching: requests (and the n completions of one) share the KV pages of a common prompt prefix,
+    with bitwise the same results as computing it again; `llm.stats` reports the prompt tokens computed.
     """
 
     def __init__(self, model: str | os.PathLike | PreTrainedModel, *, tokenizer=None, device=None, dtype=None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, num_kv_blocks: int | None = None,
-                 kv_cache_memory_fraction: float = 0.9, enforce_eager: bool = False):
+                 kv_cache_memory_fraction: float = 0.9, enforce_eager: bool = False, enable_prefix_caching: bool = True):
         self.config = EngineConfig(block_size, max_num_seqs, max_num_batched_tokens, max_model_len, num_kv_blocks,
-                                   kv_cache_memory_fraction)
+                                   kv_cache_memory_fraction, enable_prefix_caching)
         device, dtype = _default_device_dtype(model, device, dtype)
         self.model, self.hf_config = load_model(model, dtype=dtype, device=device)
         self.tokenizer = _load_tokenizer(model, tokenizer)
@@ -78,7 +82,13 @@ class LLM:
         self.model_runner.allocate_kv_cache(self.num_kv_blocks)
         if self.model_runner.device.type == "cuda" and not enforce_eager:
             self.model_runner.capture_cuda_graphs(max_num_seqs, self.max_model_len)
-        self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, block_size), max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, block_size, enable_prefix_caching),
+                                   max_num_seqs, max_num_batched_tokens)
+
+    @property
+    def stats(self) -> EngineStats:
+        """The latest generate() call's counts: prompt tokens given and computed (prefix cache hits), preemptions."""
+        return self.scheduler.stats
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  *, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -96,15 +106,16 @@ class LLM:
         the prompt's position). Closing the iterator early drops the requests still running and frees their pages.
         """
         seqs = self._make_sequences(prompts, sampling_params)
-        for seq in seqs:
-            self.scheduler.add(seq)
-        progress = _Progress(len(seqs), use_tqdm)
+        self.scheduler.stats = EngineStats()
+        self.scheduler.add_all(seqs)
+        completions: dict[int, list[Sequence]] = {}   # finished completions of each request still running
+        progress = _Progress(len({seq.index for seq in seqs}), use_tqdm)
         try:
             while not self.scheduler.is_finished():
                 finished, num_prefill, num_decode = self.step()
-                progress.update(len(finished), num_prefill, num_decode)
-                for seq in finished:
-                    yield self._output(seq)
+                outputs = [self._output(done) for done in _whole_requests(finished, completions)]
+                progress.update(len(outputs), num_prefill, num_decode)
+                yield from outputs
         finally:
             self.scheduler.abort_all()   # nothing left after a normal run; frees the pages after an error
             progress.close()
@@ -112,7 +123,7 @@ class LLM:
     def step(self) -> tuple[list[Sequence], int, int]:
         """One engine step. Returns the requests it finished and how many prefill and decode tokens it computed."""
         batch = self.scheduler.schedule()
-        num_decode = sum(_is_decoding(seq) for seq in batch.seqs)
+        num_decode = batch.num_decode_tokens
         num_prefill = sum(batch.num_new_tokens) - num_decode
         token_ids, logprobs = self.model_runner.run(batch)
         finished = self.scheduler.postprocess(batch, token_ids, logprobs)
@@ -127,8 +138,10 @@ class LLM:
         for index, (prompt, p) in enumerate(zip(prompts, params)):
             text, token_ids = self._tokenize(index, prompt)
             self._check_request(index, token_ids, p)
-            detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, p.stop) if p.stop else None
-            seqs.append(Sequence(index, text, token_ids, p, self.eos_token_ids, detokenizer))
+            for i in range(p.n):   # completion i draws from its own seed, so it is reproducible alone
+                detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, p.stop) if p.stop else None
+                params = p if i == 0 else dataclasses.replace(p, seed=p.completion_seed(i))
+                seqs.append(Sequence(index, text, token_ids, params, self.eos_token_ids, detokenizer, sample_index=i))
         return seqs
 
     def _tokenize(self, index: int, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -163,10 +176,17 @@ class LLM:
         if params.stop and self.tokenizer is None:
             raise ValueError(f"prompt {index}: stop strings need a tokenizer, and this LLM has none")
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        return RequestOutput(index=seq.index, prompt=seq.prompt, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-                             token_ids=seq.completion_token_ids, text=self._text(seq),
-                             finish_reason=seq.finish_reason, logprobs=seq.logprobs)
+    def _output(self, seqs: list[Sequence]) -> RequestOutput:
+        """One request's output from its finished completions, in completion order."""
+        first = seqs[0]
+        return RequestOutput(index=first.index, prompt=first.prompt,
+                             prompt_token_ids=first.token_ids[:first.num_prompt_tokens],
+                             outputs=[self._completion(seq) for seq in seqs])
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        cumulative = None if seq.logprobs is None else sum(lp.logprob for lp in seq.logprobs)
+        return CompletionOutput(index=seq.sample_index, text=self._text(seq), token_ids=seq.completion_token_ids,
+                                finish_reason=seq.finish_reason, logprobs=seq.logprobs, cumulative_logprob=cumulative)
 
     def _text(self, seq: Sequence) -> str:
         if seq.detokenizer is not None:
@@ -201,9 +221,16 @@ class LLM:
         return max(num_blocks, -(-self.max_model_len // cfg.block_size), 1)
 
 
-def _is_decoding(seq: Sequence) -> bool:
-    """Whether this step computes only the row's last generated token (as opposed to prompt or recompute work)."""
-    return seq.num_completion_tokens > 0 and seq.num_cached_tokens == len(seq) - 1
+def _whole_requests(finished: list[Sequence], completions: dict[int, list[Sequence]]) -> list[list[Sequence]]:
+    """The requests whose last completion just finished, each as its completions in order (kept in completions
+    until then)."""
+    done = []
+    for seq in finished:
+        seqs = completions.setdefault(seq.index, [])
+        seqs.append(seq)
+        if len(seqs) == seq.params.n:
+            done.append(sorted(completions.pop(seq.index), key=operator.attrgetter("sample_index")))
+    return done
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

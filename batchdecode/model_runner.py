@@ -52,7 +52,7 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
         """Compute the scheduled tokens; return the sampled token (and logprobs) of each row in batch.sampled_seqs."""
         sampled_seqs = batch.sampled_seqs
-        graph_size = self._graph_size(batch, len(sampled_seqs))
+        graph_size = self._graph_size(batch)
         if graph_size is not None:
             logits = self.graphs.replay(self.prepare_inputs(batch, graph_size))[:len(sampled_seqs)]
         else:
@@ -62,11 +62,11 @@ class ModelRunner:
         output = sample(logits, self.prepare_sampling(sampled_seqs))
         return self._to_host(sampled_seqs, output)
 
-    def _graph_size(self, batch: ScheduledBatch, num_sampled: int) -> int | None:
+    def _graph_size(self, batch: ScheduledBatch) -> int | None:
         """A captured graph's size when this is a decode step (one token per row, every row sampling)."""
-        if self.graphs is None or num_sampled != len(batch.seqs) or sum(batch.num_new_tokens) != num_sampled:
+        if self.graphs is None or not batch.is_decode:
             return None
-        return self.graphs.size_for(num_sampled)
+        return self.graphs.size_for(len(batch.seqs))
 
     def prepare_inputs(self, batch: ScheduledBatch, num_rows: int | None = None) -> ForwardBatch:
         """The step's metadata. num_rows pads the batch to a graph's size with rows of one token that writes
@@ -90,8 +90,8 @@ class ModelRunner:
         pages = block_table[row_of_token, positions // self.block_size]
         slot_mapping = pages * self.block_size + positions % self.block_size
         slot_mapping[int(cu_q_lens[len(seqs)]):] = -1
-        # a row samples when this step reaches its last token; its logits come from that token
-        samples = kv_lens == _int64([len(seq) for seq in seqs] + [0] * num_pad)
+        # a sampling row's logits come from its last token this step; a graph computes its pad rows' too (dropped)
+        samples = torch.tensor(batch.samples + [True] * num_pad)
         logits_indices = (cu_q_lens[1:] - 1)[samples]
         input_ids, positions, slot_mapping, cu_q_lens, kv_lens, logits_indices, block_table = self._to_device(
             input_ids, positions, slot_mapping, cu_q_lens, kv_lens, logits_indices, block_table)

@@ -1,6 +1,7 @@
 """How one request is sampled and when it stops (vLLM's names and meanings)."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -15,6 +16,9 @@ class SamplingParams:
     seed: a seeded request's samples depend only on (seed, token index), never on the rest of the batch.
     logprobs: for each generated token, its log-probability and the `logprobs` most likely tokens', under the
     model's raw distribution (log_softmax of the logits before temperature, top-k/p, min-p, min_tokens).
+    n: completions of the prompt, returned together in RequestOutput.outputs; with prefix caching they share the
+    prompt's full pages. A seeded request's completion i draws from completion_seed(i).
+    best_of: only None or n (ranking more completions than are returned is not supported).
     """
 
     temperature: float = 1.0
@@ -28,6 +32,8 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    n: int = 1
+    best_of: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -51,10 +57,22 @@ class SamplingParams:
             (self.seed is None or _is_int(self.seed), f"seed must be an int or None, got {self.seed!r}"),
             (self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
              f"logprobs must be an int >= 0 or None, got {self.logprobs}"),
+            (_is_int(self.n) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}"),
+            (self.best_of is None or self.best_of == self.n,
+             f"best_of={self.best_of!r} is not supported (only None or n={self.n}): ask for n={self.best_of!r} "
+             "completions with logprobs and rank them by cumulative_logprob"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def completion_seed(self, i: int) -> int | None:
+        """Completion i's seed: the seed itself for i = 0 (so n=1 draws as before), else a hash of (seed, i), so
+        each completion is reproducible alone and in any batch."""
+        if self.seed is None or i == 0:
+            return self.seed
+        digest = hashlib.blake2b(f"{self.seed}/{i}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little")
 
     @property
     def greedy(self) -> bool:

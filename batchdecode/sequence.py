@@ -1,23 +1,16 @@
 """One request as the engine sees it: its tokens, its pages, how far its K/V are computed, and when it stops."""
 from __future__ import annotations
 
-from enum import Enum, auto
-
 from .detokenizer import IncrementalDetokenizer
 from .outputs import TokenLogprobs
 from .sampling_params import SamplingParams
 
 
-class SequenceStatus(Enum):
-    WAITING = auto()
-    RUNNING = auto()
-    FINISHED = auto()
-
-
 class Sequence:
     def __init__(self, index: int, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: frozenset[int], detokenizer: IncrementalDetokenizer | None):
+                 eos_token_ids: frozenset[int], detokenizer: IncrementalDetokenizer | None, sample_index: int = 0):
         self.index = index
+        self.sample_index = sample_index   # which of the request's params.n completions this is
         self.prompt = prompt
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -25,9 +18,9 @@ class Sequence:
         # The token ids that end this request, and that min_tokens masks out until it is reached.
         self.stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)
         self.detokenizer = detokenizer   # only for requests with stop strings; others are decoded once at the end
-        self.status = SequenceStatus.WAITING
         self.num_cached_tokens = 0    # tokens whose K/V sit in this row's pages
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []   # prefix hashes of its full pages, memoised by prefix_cache.py
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stopped_by_token = False  # ended by EOS or a stop token, which the text leaves out
@@ -46,10 +39,6 @@ class Sequence:
     @property
     def num_uncached_tokens(self) -> int:
         return len(self.token_ids) - self.num_cached_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
 
     def append_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
         """Add a sampled token and decide whether the request ends with it (sets finish_reason)."""

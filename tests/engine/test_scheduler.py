@@ -2,15 +2,16 @@
 from batchdecode.block_manager import BlockManager
 from batchdecode.sampling_params import SamplingParams
 from batchdecode.scheduler import Scheduler
-from batchdecode.sequence import Sequence, SequenceStatus
+from batchdecode.sequence import Sequence
 
 
-def make_scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=64):
-    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_num_batched_tokens)
+def make_scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, cache=True):
+    return Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching=cache), max_num_seqs, max_num_batched_tokens)
 
 
 def add(scheduler, prompt_len, max_tokens=4, index=0):
-    seq = Sequence(index, None, [1] * prompt_len, SamplingParams(max_tokens=max_tokens, ignore_eos=True), frozenset(), None)
+    # distinct prompts: these tests are about budgets and pages, not prefix sharing (test_prefix_cache.py)
+    seq = Sequence(index, None, [1000 * index + t for t in range(1, prompt_len + 1)], SamplingParams(max_tokens=max_tokens, ignore_eos=True), frozenset(), None)
     scheduler.add(seq)
     return seq
 
@@ -54,17 +55,17 @@ def test_max_num_seqs_caps_the_running_rows():
 
 
 def test_newest_row_is_preempted_to_the_front_of_the_queue_and_recomputed():
-    s = make_scheduler(num_blocks=4, block_size=2, max_num_batched_tokens=64)
+    s = make_scheduler(num_blocks=4, block_size=2, max_num_batched_tokens=64, cache=False)   # no cache: all recomputed
     a, b = add(s, 3, max_tokens=4, index=0), add(s, 3, max_tokens=4, index=1)
     waiting = add(s, 1, max_tokens=1, index=2)
     assert step(s)[0] == [(0, 3), (1, 3)]             # 2 pages each: the pool is full; row 2 waits
     assert step(s)[0] == [(0, 1), (1, 1)]             # the 4th tokens still fit in the 2nd pages
     plan, _, _ = step(s)                              # a's 5th token needs a 3rd page: b (newest) goes
-    assert plan == [(0, 1)] and s.num_preemptions == 1
-    assert b.status == SequenceStatus.WAITING and b.block_table == [] and b.num_cached_tokens == 0
+    assert plan == [(0, 1)] and s.stats.num_preemptions == 1
+    assert b in s.waiting and b.block_table == [] and b.num_cached_tokens == 0
     assert list(s.waiting) == [b, waiting]            # at the front, ahead of the older waiting prompt
     assert len(b) == 5                                # its generated tokens are kept
-    while a.status != SequenceStatus.FINISHED:
+    while a.finish_reason is None:
         step(s)
     plan, _, _ = step(s)
     assert plan[0] == (1, 5)                          # prompt + generated tokens recomputed at once
@@ -78,7 +79,7 @@ def test_a_row_preempts_itself_when_only_older_rows_hold_the_pages():
     a, b = add(s, 4, max_tokens=3, index=0), add(s, 1, max_tokens=3, index=1)
     step(s)                                           # a: 2 pages, b: 1 page
     step(s)                                           # a needs a 3rd page: b is preempted
-    assert s.num_preemptions == 1 and list(s.waiting) == [b]
+    assert s.stats.num_preemptions == 1 and list(s.waiting) == [b]
     while not s.is_finished():
         step(s)
     assert a.num_completion_tokens == b.num_completion_tokens == 3
