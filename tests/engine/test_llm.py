@@ -104,7 +104,7 @@ def test_batching_preemption_and_chunking_change_nothing(shape):
     assert [o.token_ids for o in outs] == alone
     assert [o.index for o in outs] == list(range(len(prompts)))
     if shape in ("preempting", "both"):
-        assert llm.scheduler.num_preemptions > 0
+        assert llm.stats.num_preemptions > 0
     if shape in ("chunking", "both"):
         assert seen["chunks"] > 0
     assert llm.scheduler.block_manager.num_free_blocks == llm.num_kv_blocks
@@ -120,7 +120,7 @@ def test_seeded_request_draws_the_same_alone_among_others_and_across_preemption(
         llm = make_llm(**ENGINE_SHAPES[shape])
         outs = llm.generate(others[:7] + [prompt] + others[7:], mix[:7] + [seeded] + mix[7:], use_tqdm=False)
         assert outs[7].token_ids == alone, shape
-    assert llm.scheduler.num_preemptions > 0
+    assert llm.stats.num_preemptions > 0
     other_seed = make_llm().generate([prompt], SamplingParams(temperature=1.0, top_k=40, max_tokens=12,
                                                               ignore_eos=True, seed=99), use_tqdm=False)[0]
     assert other_seed.token_ids != alone
