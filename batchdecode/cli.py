@@ -2,20 +2,27 @@
 
     batchdecode generate --model smollm2-135m --input examples/prompts.jsonl --output out.jsonl
 
-Steps: check options and the whole input file (no model yet) -> find the model folder -> load the tokenizer
-and check every prompt's length -> load the weights -> generate, appending each result in input order as
-soon as every earlier one is on disk. Rerunning the same command skips the results already written.
+Steps: check options and the whole input file (no model yet) -> lock the output and read what is already done
+(results_file.py) -> find the model folder -> load the tokenizer and check every prompt's length -> load the
+weights -> generate, journaling each result the moment it finishes and appending it to the output in input
+order. Rerunning the same command skips the results already done. `--output -` streams to stdout, no resume.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
+import re
+import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from .prompt_file import InputError, PromptLine, read_prompt_file
-from .results_file import ResultsWriter, count_done
+from .prompt_file import InputError, PromptLine, is_seed, read_prompt_file
+from .results_file import Manifest, ResultsFile, ResultsWriter, journal_path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -46,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True,
                      help="a local HF checkpoint folder, a hub id, or the built-in 'smollm2-135m'")
     gen.add_argument("--input", required=True, type=Path, help=".txt or .jsonl prompts file")
-    gen.add_argument("--output", required=True, type=Path, help=".jsonl results file (appended to on rerun)")
+    gen.add_argument("--output", required=True, type=Path,
+                     help=".jsonl results file (resumed on rerun), or - for stdout (no resume)")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace --output even when it holds another run's results or is not batchdecode's")
     sampling = gen.add_argument_group("sampling (defaults for every line; a .jsonl line may override them)")
     sampling.add_argument("--max-tokens", type=int, default=128, help="default 128")
     sampling.add_argument("--min-tokens", type=int, default=0)
@@ -82,24 +92,106 @@ def _positive_int(text: str) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
+    base = _sampling_options(args)
+    _check_options(args, base)
+    requests = read_prompt_file(args.input)
+    params = [_params_for(request, base) for request in requests]
+    stream = _stream(args.output)
+    if stream is not None:   # stdout, a pipe or a device: written once, in input order, no resume
+        try:
+            return _generate(args, requests, params, lambda: ResultsWriter(stream, 0), done=set(), results=None)
+        finally:
+            if stream is not sys.stdout:
+                stream.close()
+    _check_output_path(args)
+    results = ResultsFile(args.output, [r.id for r in requests], _manifest(args), overwrite=args.overwrite)
+    try:
+        done = results.done()
+        if len(done) == len(requests):   # (the last few may be only in the journal: the writer moves them over)
+            results.writer().close()
+            results.complete()
+            print(f"batchdecode: all {len(done)} requests are already in {args.output}", file=sys.stderr)
+            return 0
+        return _generate(args, requests, params, results.writer, done, results)
+    finally:
+        results.release()
+
+
+def _check_options(args: argparse.Namespace, base: dict) -> None:
     from .sampling_params import SamplingParams
 
-    base = _sampling_options(args)
+    if args.seed is not None and not is_seed(args.seed):
+        raise InputError(f"--seed {args.seed}: must be from 0 to 2**64 - 1")
     try:
         SamplingParams(**base)
     except ValueError as e:
         raise InputError(f"bad option: {e}") from None
-    requests = read_prompt_file(args.input)
-    params = [_params_for(request, base) for request in requests]
+    if args.device is not None:
+        _check_device(args.device)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: batchdecode runs on cpu or cuda only")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device here")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+
+
+def _stream(output: Path) -> IO[str] | None:
+    """Where results go when --output is not a regular file: stdout for '-' or a path naming it (/dev/stdout),
+    else the pipe or device itself. None for a file, which gets a journal and can be resumed."""
+    if str(output) == "-":
+        return sys.stdout
+    try:
+        found = os.stat(output)
+    except FileNotFoundError:
+        return None
+    if _is_stdout(found):
+        return sys.stdout
+    if stat.S_ISREG(found.st_mode) or stat.S_ISDIR(found.st_mode):
+        return None
+    return open(output, "w", encoding="utf-8")
+
+
+def _is_stdout(found: os.stat_result) -> bool:
+    try:
+        ours = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):   # stdout replaced by an object without a file (tests, IDEs)
+        return False
+    return (ours.st_dev, ours.st_ino) == (found.st_dev, found.st_ino)
+
+
+def _check_output_path(args: argparse.Namespace) -> None:
     if args.output.resolve() == args.input.resolve():
         raise InputError("--output must not be the input file")
     if not args.output.parent.is_dir():
         raise InputError(f"--output {args.output}: folder {args.output.parent} does not exist")
-    done = count_done(args.output, [r.id for r in requests])
-    if done == len(requests):
-        print(f"batchdecode: all {done} requests are already in {args.output}", file=sys.stderr)
-        return 0
 
+
+def _manifest(args: argparse.Namespace) -> Manifest:
+    """What produced the results, for the journal. Scheduling options are recorded but not decisive: a row's
+    output does not depend on its batch, its pages or max_model_len, so a rerun may change them."""
+    folder = Path(args.model).expanduser()
+    model = str(folder.resolve()) if folder.is_dir() else args.model
+    decisive = dict(input_sha256=hashlib.sha256(args.input.read_bytes()).hexdigest(), model=model,
+                    chat=args.chat, sampling=_sampling_options(args), dtype=args.dtype, device=args.device)
+    recorded = dict(input=str(args.input.resolve()), max_num_seqs=args.max_num_seqs,
+                    max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                    max_model_len=args.max_model_len)
+    return Manifest(decisive, recorded)
+
+
+def _generate(args, requests: list[PromptLine], params: list, make_writer, done: set[int], results) -> int:
+    """Model, tokens and engine, then the run of the requests not done yet. The writer is made only once the
+    engine is ready, so that a failed load leaves the output as it was."""
     from .model_source import resolve_model
     from .prompt_tokens import load_tokenizer, tokenize_all
 
@@ -107,8 +199,9 @@ def generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(folder)
     prompt_ids = tokenize_all(requests, [p.max_tokens for p in params], tokenizer, folder, chat=args.chat,
                               max_model_len=args.max_model_len)
-    todo = list(range(done, len(requests)))
-    return _run(args, folder, tokenizer, requests, params, prompt_ids, todo)
+    llm = _load_engine(args, folder, tokenizer)
+    todo = [i for i in range(len(requests)) if i not in done]
+    return _run(args, llm, requests, params, prompt_ids, todo, make_writer(), results)
 
 
 def _sampling_options(args: argparse.Namespace) -> dict:
@@ -138,43 +231,88 @@ class _Totals:
         self.generated_tokens += len(output.token_ids)
 
 
-def _run(args, folder, tokenizer, requests, params, prompt_ids, todo) -> int:
-    llm = _load_engine(args, folder, tokenizer)
-    writer = ResultsWriter(args.output, first_index=todo[0])
+def _run(args, llm, requests, params, prompt_ids, todo: list[int], writer: ResultsWriter, results) -> int:
+    skipped = len(requests) - len(todo)
     totals, start = _Totals(), time.perf_counter()
-    bar = _progress_bar(len(requests), initial=todo[0], disable=args.no_progress)
+    bar = _progress_bar(len(requests), initial=skipped, disable=args.no_progress)
+    stop_hook = _test_signal_hook()
     try:
         for index, output in _finished(llm, [prompt_ids[i] for i in todo], [params[i] for i in todo], todo):
-            writer.add(index, _record(requests[index], output))
+            _write(writer, index, requests[index], output)
             totals.add(output)
             bar.update(1)
             bar.set_postfix_str(f"{totals.generated_tokens / (time.perf_counter() - start):.0f} tok/s")
+            stop_hook(totals.requests)
     except KeyboardInterrupt:
+        where = (f"saved ({args.output} and {journal_path(args.output).name}). Rerun the same command to finish "
+                 "the rest." if results else "written; a stream cannot be resumed.")
+        print(f"batchdecode: interrupted; {skipped + totals.requests} of {len(requests)} results are {where}",
+              file=sys.stderr)
+        return 130
+    except InputError:
+        raise
+    except (ValueError, RuntimeError) as e:   # the engine refusing or failing a request
+        raise _engine_error(e, requests, todo) from None
+    finally:
         bar.close()
         writer.close()
-        print(f"batchdecode: interrupted; {writer.next_index} of {len(requests)} results are in {args.output}. "
-              "Rerun the same command to finish the rest.", file=sys.stderr)
-        return 130
-    bar.close()
-    writer.close()
-    _print_summary(totals, skipped=todo[0], elapsed=time.perf_counter() - start, output=args.output)
+    if results:
+        results.complete()
+    _print_summary(totals, skipped=skipped, elapsed=time.perf_counter() - start, output=args.output)
     return 0
+
+
+def _write(writer: ResultsWriter, index: int, request: PromptLine, output) -> None:
+    try:
+        writer.add(index, _record(request, output))
+    except ValueError:   # json refused NaN or infinity: never write what JSON readers cannot parse
+        raise InputError(f"line {request.line}: the result holds NaN or infinity (non-finite logits?), which JSON "
+                         "cannot hold; it was not written") from None
+
+
+# The engine names a request by its index in the list it was given ("prompt 3: ..."); the user knows lines.
+_REQUEST_INDEX = re.compile(r"^(?:prompt|request) (\d+)\b")
+
+
+def _engine_error(error: Exception, requests: list[PromptLine], todo: list[int]) -> InputError:
+    message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    match = _REQUEST_INDEX.match(message)
+    if match and int(match[1]) < len(todo):
+        return InputError(f"line {requests[todo[int(match[1])]].line}{message[match.end():]}")
+    return InputError(f"generation failed: {type(error).__name__}: {message}")
+
+
+def _test_signal_hook():
+    """Tests set BATCHDECODE_TEST_SIGNAL_AFTER=N:SIGINT (or N:SIGKILL) to have the run signal itself right after
+    its N-th result is saved: a deterministic point to stop it, where a signal sent from outside races the run."""
+    spec = os.environ.get("BATCHDECODE_TEST_SIGNAL_AFTER")
+    if not spec:
+        return lambda count: None
+    after, name = spec.split(":")
+
+    def hook(count: int) -> None:
+        if count == int(after):
+            os.kill(os.getpid(), getattr(signal, name))   # os.kill runs our own SIGINT handler before it returns
+    return hook
 
 
 def _load_engine(args, folder: Path, tokenizer):
     import torch
 
     from .llm import LLM
+    from .smollm2 import transformers_progress
 
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: no CUDA device here")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
-        return LLM(str(folder), tokenizer=tokenizer, device=args.device, dtype=dtype, block_size=args.block_size,
-                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   max_model_len=args.max_model_len)
+        with transformers_progress(not args.no_progress):   # its "Loading weights" bar
+            return LLM(str(folder), tokenizer=tokenizer, device=args.device, dtype=dtype,
+                       block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
     except ValueError as e:   # engine options the model cannot take (block size, max_model_len, architecture)
         raise InputError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 — a broken checkpoint (truncated safetensors, ...) is the user's folder
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise InputError(f"--model {args.model}: could not load the model ({type(e).__name__}: {reason})") from None
 
 
 def _finished(llm, prompt_ids: list[list[int]], params: list, indices: list[int]):

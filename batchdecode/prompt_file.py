@@ -50,7 +50,7 @@ SAMPLING_FIELDS = {
     "top_p": (_is_number, "a number"),
     "top_k": (_is_int, "an integer"),
     "min_p": (_is_number, "a number"),
-    "seed": (lambda x: x is None or _is_int(x), "an integer or null"),
+    "seed": (lambda x: x is None or is_seed(x), "an integer from 0 to 2**64 - 1, or null"),
     "stop": (lambda x: isinstance(x, str) or _is_str_list(x), "a string or a list of strings"),
     "stop_token_ids": (lambda x: isinstance(x, list) and all(map(_is_int, x)), "a list of integers"),
     "ignore_eos": (lambda x: isinstance(x, bool), "true or false"),
@@ -60,15 +60,16 @@ SAMPLING_FIELDS = {
 
 def read_prompt_file(path: str | Path) -> list[PromptLine]:
     path = Path(path)
-    if path.suffix not in (".txt", ".jsonl"):
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl"):
         raise InputError(f"{path}: input must be a .txt (one prompt per line) or .jsonl file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")   # -sig: a byte-order mark (Windows editors) is not a prompt
     except FileNotFoundError:
         raise InputError(f"{path}: no such input file") from None
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    parse = _parse_txt_line if path.suffix == ".txt" else _parse_jsonl_line
+    parse = _parse_txt_line if suffix == ".txt" else _parse_jsonl_line
     # split("\n"), not splitlines(): the latter also breaks on characters JSON strings may hold (U+2028...).
     requests = [parse(line.removesuffix("\r"), number)
                 for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
@@ -89,6 +90,8 @@ def _parse_jsonl_line(line: str, number: int) -> PromptLine:
         raise InputError(f"line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise InputError(f"line {number}: expected a JSON object, got {type(obj).__name__}")
+    for key, value in obj.items():
+        _check_text(key, value, number)
     for key in obj:
         if key not in ("id", *PROMPT_FIELDS, *SAMPLING_FIELDS):
             raise InputError(f"line {number}: unknown field {key!r} (allowed: id, {', '.join(PROMPT_FIELDS)}, "
@@ -106,6 +109,29 @@ def _parse_jsonl_line(line: str, number: int) -> PromptLine:
                 raise InputError(f"line {number}: {key} must be {expected}, got {json.dumps(value)}")
             request.overrides[key] = value
     return request
+
+
+def is_seed(x) -> bool:
+    # The sampler hashes a seed as 64 bits: a larger one would silently alias a smaller one.
+    return _is_int(x) and 0 <= x < 2**64
+
+
+def _check_text(key: str, value, number: int) -> None:
+    """JSON's \\ud800 escapes can make strings that are not text (lone UTF-16 surrogates): no tokenizer or
+    UTF-8 file takes them, so they are refused here rather than failing mid-run."""
+    strings = [key, value]
+    while strings:
+        item = strings.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InputError(f"line {number}: {key!r} holds a lone UTF-16 surrogate "
+                                 f"({item[e.start]!r}), which is not text") from None
+        elif isinstance(item, dict):
+            strings.extend([*item.keys(), *item.values()])
+        elif isinstance(item, list):
+            strings.extend(item)
 
 
 def _check_id(value, number: int) -> str | int:

@@ -34,18 +34,23 @@ def tokenize_all(requests: list[PromptLine], max_tokens: list[int], tokenizer, f
             raise InputError(f"line {request.line}: the prompt encodes to no tokens")
         if max(ids) >= vocab_size:
             raise InputError(f"line {request.line}: token id {max(ids)} is outside the vocabulary (size {vocab_size})")
-        if limit is not None and len(ids) + budget > limit:
+        if len(ids) + budget > limit:
             raise InputError(f"line {request.line}: {len(ids)} prompt tokens + max_tokens {budget} = "
                              f"{len(ids) + budget}, more than the model's context of {limit} tokens")
         token_ids.append(ids)
     return token_ids
 
 
-def _context_limit(config, max_model_len: int | None) -> int | None:
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if positions and max_model_len and max_model_len > positions:
-        raise InputError(f"--max-model-len {max_model_len} is longer than the model's {positions} positions")
-    return max_model_len or positions
+def _context_limit(config, max_model_len: int | None) -> int:
+    # The engine's own rule (a sliding window or longrope may cap max_position_embeddings), so no prompt that
+    # passes here is refused by the engine later.
+    from .models.limits import context_limit
+
+    limit = context_limit(config)
+    if max_model_len and max_model_len > limit:
+        raise InputError(f"--max-model-len {max_model_len} is longer than the {limit} tokens this model computes "
+                         "exactly")
+    return max_model_len or limit
 
 
 def _tokenize(request: PromptLine, tokenizer, chat: bool) -> list[int]:

@@ -80,7 +80,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     _say(progress, f"batchdecode: converting {gguf_path.name} to safetensors...")
     folder, name = gguf_path.parent, gguf_path.name
-    with _transformers_progress(progress):
+    with transformers_progress(progress):
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
 
@@ -115,7 +115,8 @@ def _file_lock(path: Path):
 
 
 @contextmanager
-def _transformers_progress(enabled: bool):
+def transformers_progress(enabled: bool):
+    """transformers' own progress bars ("Loading weights", ...) on or off inside the block."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()

@@ -14,6 +14,7 @@ from batchdecode import kernels
 from batchdecode.batch import ForwardBatch
 
 from .layers import KVCache
+from .limits import context_limit
 
 
 class GPT2Attention(nn.Module):
@@ -60,7 +61,7 @@ class GPT2(nn.Module):
         self.num_kv_heads = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.vocab_size = config.vocab_size
-        self.max_position = config.n_positions
+        self.max_position = context_limit(config)
         self.eval()
 
     @torch.inference_mode()

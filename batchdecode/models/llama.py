@@ -15,6 +15,7 @@ from batchdecode import kernels
 from batchdecode.batch import ForwardBatch
 
 from .layers import KVCache, gate_up
+from .limits import context_limit
 from .rotary import build_cos_sin_cache, rope_max_position
 
 
@@ -93,7 +94,7 @@ class Llama(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim
         self.vocab_size = config.vocab_size
-        self.max_position = rope_max_position(decoder.rotary_emb, _window_capped(config))
+        self.max_position = context_limit(config)
         # float32 whatever the model dtype; a plain attribute (not a buffer) so that no dtype conversion rounds it.
         self.cos_sin = build_cos_sin_cache(decoder.rotary_emb, self.max_position, self.embed_tokens.weight.device)
         self.eval()
