@@ -1,7 +1,7 @@
 """The scheduler alone, with fake sampled tokens: budgets, chunks, admission, preemption order."""
 from batchdecode.block_manager import BlockManager
 from batchdecode.sampling_params import SamplingParams
-from batchdecode.scheduler import Scheduler
+from batchdecode.scheduler import ScheduledBatch, Scheduler
 from batchdecode.sequence import Sequence
 
 
@@ -83,3 +83,17 @@ def test_a_row_preempts_itself_when_only_older_rows_hold_the_pages():
     while not s.is_finished():
         step(s)
     assert a.num_completion_tokens == b.num_completion_tokens == 3
+
+
+def test_the_batch_decides_once_which_rows_sample_and_which_decode():
+    s = make_scheduler()
+    prompt, chunked, decoding = add(s, 5, index=0), add(s, 10, index=1), add(s, 3, index=2)
+    decoding.num_cached_tokens = 3
+    decoding.append_token(9)
+    batch = ScheduledBatch([prompt, chunked, decoding], [5, 3, 1])
+    assert batch.samples == [True, False, True] and batch.decodes == [False, False, True]
+    assert batch.sampled_seqs == [prompt, decoding] and batch.num_decode_tokens == 1 and not batch.is_decode
+    assert ScheduledBatch([decoding], [1]).is_decode
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):   # later stages read the facts after the rows move on
+        seq.num_cached_tokens += n
+    assert batch.sampled_seqs == [prompt, decoding]
