@@ -1,0 +1,94 @@
+"""One length rule: the CLI checks prompts against the very limit the engine computes (models/limits.py), and an
+error the engine raises for a request reaches the user as one line naming the input line."""
+import json
+
+import pytest
+import torch
+from tiny_models import save_tiny_checkpoint, tiny_config
+from transformers import AutoModelForCausalLM
+
+from batchdecode.cli import main
+from batchdecode.llm import LLM
+from batchdecode.models import load_model
+from batchdecode.models.limits import context_limit
+from batchdecode.results_file import journal_path
+from cli_util import read_jsonl, write_jsonl
+
+LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 32, long_factor=[2.0] * 32,
+                original_max_position_embeddings=128)
+SLIDING_QWEN = {"use_sliding_window": True, "sliding_window": 32, "layer_types": ["full_attention", "sliding_attention"]}
+
+# (architecture, config overrides, exact limit); tiny configs have 512 positions
+CASES = {
+    "llama": ("llama", {}, 512),
+    "gpt2 n_positions": ("gpt2", {"n_positions": 256}, 256),
+    "mistral window": ("mistral", {"sliding_window": 16}, 16),
+    "mistral no window": ("mistral", {"sliding_window": None}, 512),
+    "qwen2 sliding layers": ("qwen2", SLIDING_QWEN, 32),
+    "qwen2 window but full layers": ("qwen2", {"sliding_window": 32, "layer_types": ["full_attention"] * 2}, 512),
+    "longrope": ("llama", {"rope_parameters": LONGROPE}, 128),
+    "dynamic": ("llama", {"rope_parameters": dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)}, 512),
+}
+
+
+def configured(arch: str, overrides: dict):
+    config = tiny_config(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_limit_comes_from_the_config_alone_and_is_the_models(case):
+    arch, overrides, limit = CASES[case]
+    config = configured(arch, overrides)
+    assert context_limit(config) == limit
+    torch.manual_seed(0)
+    model, _ = load_model(AutoModelForCausalLM.from_config(config))
+    assert model.max_position == limit
+
+
+@pytest.fixture(scope="module")
+def mistral_window_16(tmp_path_factory):
+    path = save_tiny_checkpoint("mistral", tmp_path_factory.mktemp("mistral") / "mistral")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "sliding_window": 16}))
+    return path
+
+
+def test_a_prompt_past_the_sliding_window_is_one_line_naming_it(mistral_window_16, tmp_path, capsys):
+    # Within max_position_embeddings (512) but past the window: the CLI used to pass it and the engine to raise.
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hi", "max_tokens": 2}, {"prompt": "Once upon a time there"}])
+    assert main(["generate", "--model", str(mistral_window_16), "--input", str(tmp_path / "in.jsonl"),
+                 "--output", str(tmp_path / "out.jsonl"), "--max-tokens", "14", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("batchdecode: error: line 2: ") and "context of 16" in err[0], err
+
+
+def run(checkpoint, tmp_path):
+    # line 2 is blank: input lines and the engine's request indices differ
+    (tmp_path / "in.txt").write_text("Hello\n\nOnce upon a time\n")
+    return main(["generate", "--model", str(checkpoint), "--input", str(tmp_path / "in.txt"),
+                 "--output", str(tmp_path / "out.jsonl"), "--max-tokens", "3", "--no-progress"])
+
+
+@pytest.mark.parametrize("error", [ValueError, RuntimeError])
+def test_an_engine_error_names_the_input_line_and_keeps_finished_results(checkpoint, tmp_path, capsys,
+                                                                        monkeypatch, error):
+    real = LLM.generate_iter
+
+    def first_then_fail(self, prompts, params, **kwargs):
+        outputs = real(self, prompts, params, **kwargs)
+        yield next(outputs)
+        outputs.close()
+        raise error("prompt 1: non-finite logits")
+
+    monkeypatch.setattr(LLM, "generate_iter", first_then_fail)
+    assert run(checkpoint, tmp_path) == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["batchdecode: error: line 3: non-finite logits"]
+    assert [entry["index"] for entry in read_jsonl(journal_path(tmp_path / "out.jsonl"))[1:]] == [0]
+
+    monkeypatch.setattr(LLM, "generate_iter", real)
+    assert run(checkpoint, tmp_path) == 0
+    assert "(1 already done)" in capsys.readouterr().err
+    assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == [1, 3]
