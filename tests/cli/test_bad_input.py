@@ -1,7 +1,10 @@
 """Bad input stops `batchdecode generate` before any weights load: exit 1, one stderr line naming the line."""
 import json
+import math
+import shutil
 
 import pytest
+import torch
 
 from batchdecode.cli import main
 from cli_util import write_jsonl
@@ -35,6 +38,15 @@ STRUCTURE_CASES = {
     "empty file": (".jsonl", "\n\n", ["no prompts"]),
     "wrong suffix": (".csv", "a,b\n", [".txt", ".jsonl"]),
     "not utf-8": (".txt", b"caf\xe9\n", ["UTF-8"]),
+    # JSON escapes can make strings that are not text; they once failed in the tokenizer, or at every write
+    "lone surrogate in a prompt": (".jsonl", json.dumps({"prompt": "a\ud800b"}), ["line 1", "'prompt'", "surrogate"]),
+    "lone surrogate in an id": (".jsonl", GOOD + "\n" + json.dumps({"id": "\udc00", "prompt": "a"}),
+                                ["line 2", "'id'", "surrogate"]),
+    "lone surrogate in messages": (".jsonl", json.dumps({"messages": [{"role": "user", "content": "\ud83d"}]}),
+                                   ["line 1", "'messages'", "surrogate"]),
+    "lone surrogate in stop": (".jsonl", json.dumps({"prompt": "a", "stop": ["\ud800"]}), ["line 1", "'stop'"]),
+    "seed over 2**64": (".jsonl", json.dumps({"prompt": "a", "seed": 2**64}), ["line 1", "seed", "2**64"]),
+    "negative seed": (".jsonl", json.dumps({"prompt": "a", "seed": -1}), ["line 1", "seed"]),
 }
 
 
@@ -88,10 +100,41 @@ def test_prompts_checked_against_the_tokenizer_and_context(checkpoint, tmp_path,
     (["--top-k", "-2"], ["top_k"]),
     (["--block-size", "24"], ["block_size"]),
     (["--max-model-len", "4096"], ["--max-model-len", "512"]),
+    (["--seed", str(2**64)], ["--seed", "2**64"]),           # the sampler hashes 64 bits: it wrapped silently
+    (["--device", "tpu"], ["--device tpu"]),                  # was torch's RuntimeError traceback
+    (["--device", "cuda:x"], ["--device cuda:x"]),
 ])
 def test_bad_option_values(checkpoint, tmp_path, capsys, options, words):
     assert run(checkpoint, tmp_path, ".txt", "Hello\n", *options) == 1
     assert_one_line_error(capsys, words)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_cpu_only_machine_is_refused_before_the_model_is_looked_for(tmp_path, capsys):
+    assert run("/no/such/model", tmp_path, ".txt", "Hello\n", "--device", "cuda") == 1
+    assert_one_line_error(capsys, ["--device cuda", "no CUDA device"])
+
+
+def test_truncated_weights_are_one_line(checkpoint, tmp_path, capsys):
+    broken = shutil.copytree(checkpoint, tmp_path / "broken")
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[:len(weights) // 2])   # an interrupted download
+    assert run(broken, tmp_path, ".txt", "Hello\n") == 1
+    assert_one_line_error(capsys, [str(broken)])
+
+
+def test_nan_weights_never_give_invalid_json(checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(checkpoint, tmp_path / "nan")
+    weights = load_file(broken / "model.safetensors")
+    save_file({name: torch.full_like(w, math.nan) for name, w in weights.items()}, broken / "model.safetensors",
+              metadata={"format": "pt"})
+    assert run(broken, tmp_path, ".txt", "Hello\n", "--logprobs", "1", "--max-tokens", "2") == 1
+    assert_one_line_error(capsys, ["line 1"])
+    out = tmp_path / "out.jsonl"
+    for line in (out.read_text().splitlines() if out.exists() else []):
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} written"))
 
 
 def test_unparsable_options_exit_2_with_usage(checkpoint, tmp_path, capsys):

@@ -107,3 +107,18 @@ def test_unicode_and_output_is_one_json_object_per_line(checkpoint, tmp_path):
     lines = (tmp_path / "out.jsonl").read_text(encoding="utf-8").split("\n")
     assert lines[-1] == "" and len(lines) == 3
     assert [json.loads(line)["id"] for line in lines[:2]] == ["ünï", 2]
+
+
+def test_txt_suffix_case_and_byte_order_mark(checkpoint, tmp_path):
+    (tmp_path / "plain.txt").write_text("Hello world!\nOnce upon a time\n")
+    (tmp_path / "windows.TXT").write_bytes("\ufeffHello world!\r\nOnce upon a time\r\n".encode())   # BOM, CRLF
+    assert generate(checkpoint, tmp_path / "plain.txt", tmp_path / "a.jsonl", "--max-tokens", "2") == 0
+    assert generate(checkpoint, tmp_path / "windows.TXT", tmp_path / "b.jsonl", "--max-tokens", "2") == 0
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()   # the BOM is no prompt token
+
+
+def test_no_progress_prints_only_the_summary(checkpoint, tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("Hello\n")
+    assert generate(checkpoint, tmp_path / "in.txt", tmp_path / "out.jsonl", "--max-tokens", "2") == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("batchdecode: 1 requests"), err   # no "Loading weights" bar
