@@ -1,0 +1,72 @@
+"""The CLI's engine under `--replicas N`: LLM.generate_iter's contract, served by N engines on a Ray cluster.
+
+The CLI keeps everything else: it checks and tokenizes the input, skips what a previous run finished, and
+writes each output with its own result-line code as it arrives. Outputs come back whole (pickled), so the file's
+bytes are those of a single-process run (batch invariance: no row depends on its replica or its neighbours).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+
+import ray
+
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .replica import map_replicas, replica_resources
+from .rows import PickledRows
+
+BATCHES_PER_REPLICA = 4   # a few batches each: a slow or restarted replica delays its share, not the job
+
+
+class ReplicaPool:
+    """Joins the cluster at `address` ("auto" or host:port), or starts a local one when None."""
+
+    def __init__(self, model: str, replicas: int, address: str | None, engine_kwargs: dict):
+        self.started_ray = _connect(address)
+        cluster = ray.cluster_resources()
+        self.resources = replica_resources(replicas, None, None, cluster)
+        self.model, self.replicas, self.engine_kwargs = model, replicas, engine_kwargs
+        self.max_batch = 4 * engine_kwargs.get("max_num_seqs", 256)   # enough rows to keep an engine full
+
+    def generate_iter(self, prompts: list[dict], sampling_params: list[SamplingParams], *,
+                      use_tqdm: bool = False) -> Iterator[RequestOutput]:
+        """Outputs in finish order, `index` the prompt's position. `prompts` are {"prompt_token_ids": [...]}."""
+        try:
+            yield from self._generate_iter(prompts, sampling_params)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def _generate_iter(self, prompts: list[dict], params: list[SamplingParams]) -> Iterator[RequestOutput]:
+        if not prompts:
+            return
+        batch_size = self._batch_size(len(prompts))
+        table = PickledRows.inputs([p["prompt_token_ids"] for p in prompts], params)
+        # one block per batch, so Ray Data hands the batches to different replicas
+        ds = ray.data.from_arrow([table.slice(start, batch_size) for start in range(0, len(prompts), batch_size)])
+        out = map_replicas(ds, self.model, PickledRows(), replicas=self.replicas, resources=self.resources,
+                           batch_size=batch_size, engine_kwargs=self.engine_kwargs)
+        out.context.enable_progress_bars = False      # the CLI's own bar counts rows across the job
+        out.context.print_on_execution_start = False
+        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield from PickledRows.outputs(batch)
+
+    def _batch_size(self, num_prompts: int) -> int:
+        return max(1, min(self.max_batch, math.ceil(num_prompts / (BATCHES_PER_REPLICA * self.replicas))))
+
+
+def _connect(address: str | None) -> bool:
+    """Whether this call started Ray (and so should stop it)."""
+    if ray.is_initialized():   # a caller (a test, a notebook) set the cluster up already
+        return False
+    if address is None:
+        ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    else:
+        ray.init(address=address, logging_level=logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return True
