@@ -6,11 +6,24 @@ or in float64 when the inputs are float64, so the twin doubles as a float64 refe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+# The CPU BLAS (MKL for fp32, oneDNN for half types) picks its kernel by M: below 8 rows a row's bits change with
+# M; from 8 rows on they were the same for every M up to 4500 on every shape measured (x86, torch 2.13). Every
+# call therefore gets at least MIN_ROWS rows. A BLAS that still varies fails the probe below and takes fixed
+# MIN_ROWS-row calls instead, which only ask that a row's position inside one call not matter.
+MIN_ROWS = 16
+_PROBE_ROWS = (MIN_ROWS + 3, 4 * MIN_ROWS + 1, 21 * MIN_ROWS + 7)
+_row_invariant_blas: dict[tuple, bool] = {}
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# Query-slot pairs the twin's attention holds at once; queries are processed in groups that fit.
+PAIR_BUDGET = 1 << 15
 
 
 def paged_attention(
@@ -29,74 +42,113 @@ def paged_attention(
     Row s owns queries q[cu_q_lens[s]:cu_q_lens[s+1]]; query j of a row with q_len queries sits at slot
     kv_lens[s] - q_len + j and attends to slots kv_start[s] .. its own slot. Pages before kv_start's page
     and past kv_lens are never touched.
+
+    Every query takes one arithmetic, whether it is a decode row, one query of a prompt chunk or of a whole
+    prompt: its (query, slot) pairs are listed in slot order, a score is a sum over D of one pair's products,
+    the max is exact, and the softmax's sums run over the query's own pairs in slot order (index_add_ adds the
+    pairs in the order given). Nothing a query computes depends on the other queries, so its bits do not
+    depend on the batch, on how its prompt was cut into chunks, or on the pages.
     """
     num_tokens, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
     scale = head_dim**-0.5 if scale is None else scale
-    acc = _acc_dtype(q)
     out = torch.empty_like(q)
-    cu = cu_q_lens.tolist()
-    if cu == list(range(len(cu))):  # decode: one query a row
-        return _decode_attention(q, k_cache, v_cache, block_table, kv_lens, kv_start, scale)
-    lens = kv_lens.tolist()
-    starts = [0] * len(lens) if kv_start is None else kv_start.tolist()
-    for s, (kv_len, start) in enumerate(zip(lens, starts)):
-        q_lo, q_hi = cu[s], cu[s + 1]
-        q_len = q_hi - q_lo
-        if q_len == 0:
-            continue
-        first_page, last_page = start // block_size, (kv_len + block_size - 1) // block_size
-        pages = block_table[s, first_page:last_page].long()
-        offset = first_page * block_size
-        k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[start - offset : kv_len - offset]
-        v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[start - offset : kv_len - offset]
-        k = k.to(acc).repeat_interleave(group, dim=1)  # [L, H, D]
-        v = v.to(acc).repeat_interleave(group, dim=1)
-        qs = q[q_lo:q_hi].to(acc)  # [q_len, H, D]
-        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
-        q_slots = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
-        k_slots = torch.arange(start, kv_len, device=q.device).unsqueeze(0)
-        visible = k_slots <= q_slots
-        scores.masked_fill_(~visible, float("-inf"))
-        # a query that sees no slot (kv_start past its own slot) outputs zeros, not NaN
-        probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
-        out[q_lo:q_hi] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    if num_tokens == 0:
+        return out
+    row, start, count = _visible_slots(cu_q_lens, kv_lens, kv_start, num_tokens)
+    for lo, hi in _query_groups(count):
+        out[lo:hi] = _attend(q[lo:hi], k_cache, v_cache, block_table[row[lo:hi]], start[lo:hi], count[lo:hi], scale)
     return out
 
 
-def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, kv_lens: Tensor,
-                      kv_start: Tensor | None, scale: float) -> Tensor:
-    """paged_attention when every row has one query (at its last slot), without a loop over rows.
+def _visible_slots(cu_q_lens: Tensor, kv_lens: Tensor, kv_start: Tensor | None,
+                   num_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per query token: its row, the first slot it sees, and how many slots (int64 [T] each)."""
+    q_lens = (cu_q_lens[1:] - cu_q_lens[:-1]).long()
+    row = torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), q_lens, output_size=num_tokens)
+    index_in_row = torch.arange(num_tokens, device=row.device) - cu_q_lens[:-1].long()[row]
+    own_slot = (kv_lens.long() - q_lens)[row] + index_in_row
+    start = torch.zeros_like(own_slot) if kv_start is None else kv_start.long()[row]
+    count = (own_slot + 1 - start).clamp(min=0)
+    return row, start, count
 
-    The valid slots of all rows are gathered in one list, so work grows with valid tokens only (no padding to
-    the longest row); each row's softmax is then a segment reduction over its own slots.
-    """
-    num_rows, num_heads, head_dim = q.shape
+
+def _query_groups(count: Tensor) -> list[tuple[int, int]]:
+    """Consecutive query ranges of at most PAIR_BUDGET pairs each (a query with more pairs goes alone)."""
+    ends = torch.cumsum(count, 0).tolist()
+    groups, lo, base = [], 0, 0
+    for t, end in enumerate(ends):
+        if end - base > PAIR_BUDGET and t > lo:
+            groups.append((lo, t))
+            lo, base = t, ends[t - 1]
+    groups.append((lo, len(ends)))
+    return groups
+
+
+def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor, start: Tensor, count: Tensor,
+            scale: float) -> Tensor:
+    """Attention of queries q [n, H, D]: query i sees slots start[i] .. start[i] + count[i] - 1 of its row,
+    whose pages are pages[i]."""
+    num_queries, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     acc = _acc_dtype(q)
-    starts = torch.zeros_like(kv_lens) if kv_start is None else kv_start
-    lens = (kv_lens - starts).clamp(min=0).long()
-    num_slots = int(lens.sum())
-
-    def per_slot(x: Tensor) -> Tensor:  # repeat each row's entry over its slots (a copy, faster than x[row])
-        return torch.repeat_interleave(x, lens, dim=0, output_size=num_slots)
-
-    row = per_slot(torch.arange(num_rows, device=q.device))
-    slot = per_slot(starts.long() - (torch.cumsum(lens, 0) - lens)) + torch.arange(num_slots, device=q.device)
-    flat_slot = block_table.long()[row, slot // block_size] * block_size + slot % block_size
+    num_pairs = int(count.sum())
+    query = torch.repeat_interleave(torch.arange(num_queries, device=q.device), count, output_size=num_pairs)
+    pair_in_query = torch.arange(num_pairs, device=q.device) - (torch.cumsum(count, 0) - count)[query]
+    slot = start[query] + pair_in_query
+    flat_slot = pages.long()[query, slot // block_size] * block_size + slot % block_size
     k = k_cache.view(-1, num_kv_heads * head_dim).index_select(0, flat_slot).view(-1, num_kv_heads, 1, head_dim)
     v = v_cache.view(-1, num_kv_heads * head_dim).index_select(0, flat_slot).view(-1, num_kv_heads, 1, head_dim)
-    qs = q.to(acc).view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = (per_slot(qs) * k.to(acc)).sum(-1) * scale                             # [N, KVH, G]
-    segment = row.view(-1, 1, 1).expand_as(scores)
-    row_max = scores.new_full(qs.shape[:-1], float("-inf")).scatter_reduce(0, segment, scores, "amax")
-    weights = torch.exp(scores - per_slot(row_max))
-    denom = torch.zeros_like(row_max).index_add_(0, row, weights)
-    out = torch.zeros_like(qs).index_add_(0, row, weights.unsqueeze(-1) * v.to(acc))
-    # a row that sees no slot (kv_start at or past kv_len) outputs zeros, not NaN
+    qs = q.to(acc).view(num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = (qs.index_select(0, query) * k.to(acc)).sum(-1) * scale                        # [P, KVH, G]
+    segment = query.view(-1, 1, 1).expand_as(scores)
+    query_max = scores.new_full(qs.shape[:-1], float("-inf")).scatter_reduce(0, segment, scores, "amax")
+    weights = torch.exp(scores - query_max.index_select(0, query))
+    denom = torch.zeros_like(query_max).index_add_(0, query, weights)
+    out = torch.zeros_like(qs).index_add_(0, query, weights.unsqueeze(-1) * v.to(acc))
+    # a query that sees no slot (kv_start past its own slot) outputs zeros, not NaN
     out = out / denom.clamp(min=torch.finfo(acc).tiny).unsqueeze(-1)
-    return out.view(num_rows, num_heads, head_dim).to(q.dtype)
+    return out.view(num_queries, num_heads, head_dim).to(q.dtype)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [M, K] @ weight [N, K].T + bias -> [M, N], each row's bits independent of M and of the other rows.
+
+    float64 (the test oracle) is plain torch. Otherwise rows are padded to at least MIN_ROWS and given to the BLAS
+    in one call, or in MIN_ROWS-row calls where the probe found the BLAS's rows to depend on M.
+    """
+    m = x.shape[0]
+    if x.dtype == torch.float64 or x.is_cuda:
+        return F.linear(x, weight, bias)
+    if not _blas_is_row_invariant(weight, bias):
+        return _linear_in_fixed_calls(x, weight, bias)
+    if m >= MIN_ROWS:
+        return F.linear(x.contiguous(), weight, bias)
+    padded = x.new_zeros(MIN_ROWS, x.shape[1])
+    padded[:m] = x
+    return F.linear(padded, weight, bias)[:m]
+
+
+def _linear_in_fixed_calls(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    m = x.shape[0]
+    padded = x.new_zeros(-(-m // MIN_ROWS) * MIN_ROWS, x.shape[1])
+    padded[:m] = x
+    out = x.new_empty(padded.shape[0], weight.shape[0])
+    for i in range(0, padded.shape[0], MIN_ROWS):
+        out[i:i + MIN_ROWS] = F.linear(padded[i:i + MIN_ROWS], weight, bias)
+    return out[:m]
+
+
+def _blas_is_row_invariant(weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether the BLAS gives a row the same bits in calls of MIN_ROWS and of _PROBE_ROWS rows, for this weight's
+    shape, layout and dtype (probed once, on random rows)."""
+    key = (tuple(weight.shape), weight.stride(), weight.dtype, bias is None, torch.get_num_threads())
+    if key not in _row_invariant_blas:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(max(_PROBE_ROWS), weight.shape[1], generator=gen).to(weight.dtype)
+        base = torch.cat([F.linear(x[i:i + MIN_ROWS], weight, bias) for i in range(0, len(x) - MIN_ROWS + 1, MIN_ROWS)])
+        _row_invariant_blas[key] = all(torch.equal(F.linear(x[:rows], weight, bias)[:len(base)][:rows - rows % MIN_ROWS],
+                                                   base[:rows - rows % MIN_ROWS]) for rows in _PROBE_ROWS)
+    return _row_invariant_blas[key]
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, neox_style: bool) -> Tensor:
@@ -166,4 +218,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
 def silu_and_mul(x: Tensor) -> Tensor:
     """silu(gate) * up for x = [gate | up] along the last dim."""
     gate, up = x.to(_acc_dtype(x)).chunk(2, dim=-1)
-    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+    # silu spelled out: torch's own silu kernel gives an element different bits in its vectorised body and in
+    # its scalar tail, so an element's result would depend on where it lands in the tensor; exp and / do not.
+    return (gate / (1 + torch.exp(-gate)) * up).to(x.dtype)

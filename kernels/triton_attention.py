@@ -10,17 +10,18 @@ its row from cu_q_lens (vLLM's "unified attention" numbering), then S * (splits 
 splits of decode rows; axis 1 holds KV heads x head chunks. Programs with no work exit at once. Nothing
 assumes a batch is all decode: a row with one query is split, any other row is covered by its query tiles.
 
-KV tiles are counted from each row's kv_start, never from page boundaries, and a row with a single query
-(decode) is cut into splits of SPLIT_TOKENS tokens, also counted from kv_start, merged in a fixed order.
-Every arithmetic step of a row thus depends only on that row's tokens: its output is bitwise identical
-whatever its neighbours, its left padding, the batch size or the physical pages that hold it.
-Tokens are gathered per slot through block_table, so any page size from 1 to 256 takes the same path and
-pages outside [kv_start, causal limit) are never read.
+KV tiles are counted from each row's kv_start, never from page boundaries, and every query's KV range is cut
+into splits of SPLIT_TOKENS tokens, also counted from kv_start. Each split gives a partial (max, sum, acc)
+from fresh state, and the partials are merged in split order by `_merge`, the one function both kernels
+call. A decode row (one query) computes its splits in parallel programs and the merge kernel folds them; a
+prompt's query tile walks the same splits in one program and folds them as it goes. Tiles past a query's own
+slot add exact zeros. So a query's bits are the same whether it is computed as a decode row, inside a prompt
+chunk of any length, or inside the whole prompt, and whatever its neighbours, its left padding, the batch
+size or the physical pages that hold it. Tokens are gathered per slot through block_table, so any page size
+from 1 to 256 takes the same path and pages outside [kv_start, causal limit) are never read.
 """
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -29,16 +30,13 @@ import triton.language as tl
 from torch import Tensor
 
 from .compile_spec import CompileSpec
+from .triton_common import INTERPRET, TRITON_DTYPE, device_arch, round_like
 
 SPLIT_TOKENS = 512  # KV tokens per decode split; tests lower it to reach several splits cheaply
 ROW_SEARCH = 128  # cu_q_lens entries a program reads per step while finding its row
-MERGE_SPLITS = 16  # splits the merge kernel reduces per step
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
-# The interpreter computes bf16 wrongly, so there the kernel upcasts half types at load and emulates
-# the GPU's roundings (tl.jit reads the same variable when it decorates the kernels).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)
@@ -63,29 +61,6 @@ def tile_config(dtype: torch.dtype, head_dim_pad: int, arch: int) -> TileConfig:
         warps = 8 if arch < 90 and head_dim_pad > 64 else 4
         return TileConfig(block_m=64, block_n=64, num_warps=warps, num_stages=3)
     return TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=3)
-
-
-@functools.lru_cache(maxsize=None)
-def _device_arch(device: torch.device) -> int:
-    """Compute capability as 90, 80, ...; the interpreter takes Hopper's tiles."""
-    if device.type != "cuda":
-        return 90
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
-@triton.jit
-def _round_like(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """x (fp32) rounded to dtype, as the GPU's round-to-nearest-even convert does.
-
-    The interpreter truncates fp32 -> bf16, so there the rounding is done on the bits and the result stays
-    fp32 (exactly representable in bf16). Helpers cost a lot per call in the interpreter: not for loops.
-    """
-    if INTERPRET and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -155,48 +130,61 @@ def _paged_attention_kernel(
     q_ptrs = q + q_tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :]
     q_tile = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0).to(dot_dtype)
 
-    # KV range: from this split's first token to the causal limit of the tile's last query
+    # KV range: from this program's first split to the causal limit of the tile's last query. A decode
+    # program takes one split; a query tile takes every split of its range and merges them in order.
     q_last = tl.minimum(q_first + block_q, q_len) - 1
     kv_hi = kv_len - q_len + q_last + 1
-    kv_lo = start + split * SPLIT
-    kv_hi = tl.where(is_decode, tl.minimum(kv_lo + SPLIT, kv_hi), kv_hi)
+    last_split = tl.where(is_decode, split + 1, tl.cdiv(tl.maximum(kv_hi - start, 1), SPLIT))
 
     tok_stride = num_kv_heads * HEAD_DIM
     page_stride = tok_stride.to(tl.int64) * (1 << log2_block_size)
     pages = block_table + row.to(tl.int64) * stride_bt
     k_base = k_cache + kv_head * HEAD_DIM
     v_base = v_cache + kv_head * HEAD_DIM
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    for tile in range(kv_lo, kv_hi, BLOCK_N):
-        offs_n = tile + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < kv_hi
-        page = tl.load(pages + (offs_n >> log2_block_size), mask=n_valid, other=0)
-        slot = page.to(tl.int64) * page_stride + (offs_n & ((1 << log2_block_size) - 1)) * tok_stride
-        kv_offs = slot[:, None] + offs_d[None, :]
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + kv_offs, mask=kv_mask, other=0.0).to(dot_dtype)
-        v = tl.load(v_base + kv_offs, mask=kv_mask, other=0.0).to(dot_dtype)
+    m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_all = tl.zeros([BLOCK_M], tl.float32)
+    acc_all = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for s_idx in range(split, last_split):
+        kv_lo = start + s_idx * SPLIT
+        split_hi = tl.minimum(kv_lo + SPLIT, kv_hi)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+        for tile in range(kv_lo, split_hi, BLOCK_N):
+            offs_n = tile + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < split_hi
+            page = tl.load(pages + (offs_n >> log2_block_size), mask=n_valid, other=0)
+            slot = page.to(tl.int64) * page_stride + (offs_n & ((1 << log2_block_size) - 1)) * tok_stride
+            kv_offs = slot[:, None] + offs_d[None, :]
+            kv_mask = n_valid[:, None] & d_valid[None, :]
+            k = tl.load(k_base + kv_offs, mask=kv_mask, other=0.0).to(dot_dtype)
+            v = tl.load(v_base + kv_offs, mask=kv_mask, other=0.0).to(dot_dtype)
 
-        s = tl.dot(q_tile, tl.trans(k), input_precision="ieee") * scale_log2
-        s = tl.where(offs_n[None, :] <= q_slot[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # a row with nothing visible yet keeps m = -inf; subtract 0 there, not -inf, to avoid NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        # P is rounded to the cache dtype for the tensor cores (as FlashAttention does); the interpreter
-        # rounds the same way (its own fp32 -> bf16 convert truncates)
-        if INTERPRET and kv_dtype == tl.bfloat16:
-            bits = p.to(tl.uint32, bitcast=True)
-            p = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        acc = tl.dot(p.to(kv_dtype).to(dot_dtype), v, acc, input_precision="ieee")
-        m_i = m_new
+            if INTERPRET:  # see "row-invariant dot" in triton_common
+                s = tl.sum(q_tile[:, None, :] * k[None, :, :], axis=2) * scale_log2
+            else:
+                s = tl.dot(q_tile, tl.trans(k), input_precision="ieee") * scale_log2
+            s = tl.where(offs_n[None, :] <= q_slot[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # a row with nothing visible yet keeps m = -inf; subtract 0 there, not -inf, to avoid NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            # P is rounded to the cache dtype for the tensor cores (as FlashAttention does); the interpreter
+            # rounds the same way (its own fp32 -> bf16 convert truncates)
+            if INTERPRET and kv_dtype == tl.bfloat16:
+                bits = p.to(tl.uint32, bitcast=True)
+                p = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            if INTERPRET:
+                acc += tl.sum(p.to(kv_dtype).to(dot_dtype)[:, :, None] * v[None, :, :], axis=1)
+            else:
+                acc = tl.dot(p.to(kv_dtype), v, acc, input_precision="ieee")
+            m_i = m_new
+        m_all, l_all, acc_all = _merge(m_all, l_all, acc_all, m_i, l_i, acc)
 
-    if row_splits > 1:
+    if row_splits > 1:  # a decode row's split: the merge kernel folds the partials (this one is m_i, l_i, acc)
         part = ((row * num_heads + head).to(tl.int64) * num_splits + split)
         tl.store(part_max + part, m_i, mask=row_valid)
         tl.store(part_sum + part, l_i, mask=row_valid)
@@ -204,20 +192,46 @@ def _paged_attention_kernel(
         tl.store(acc_ptrs, acc, mask=row_valid[:, None] & d_valid[None, :])
     else:
         # a query that sees no slot (kv_start past it) outputs zeros
-        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o = acc_all / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
         o_ptrs = out + q_tok[:, None] * (num_heads * HEAD_DIM) + head[:, None] * HEAD_DIM + offs_d[None, :]
-        o = _round_like(o, out.dtype.element_ty, INTERPRET)
+        o = round_like(o, out.dtype.element_ty, INTERPRET)
         tl.store(o_ptrs, o.to(out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _merge(m_all, l_all, acc_all, m, l, acc):
+    """Fold one split's partial (m, l, acc) into the running (m_all, l_all, acc_all), in log2 units.
+
+    Both kernels fold through this one function, so a query's splits combine with the same arithmetic in a
+    query tile as in the merge kernel. From the empty state (-inf, 0, 0) the first fold returns the partial
+    exactly, and folding an empty partial changes nothing.
+    """
+    m_new = tl.maximum(m_all, m)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    old = tl.exp2(m_all - m_safe)
+    new = tl.exp2(m - m_safe)
+    l_new = l_all * old + l * new
+    acc_new = acc_all * _expand_like(old, acc_all) + acc * _expand_like(new, acc)
+    return m_new, l_new, acc_new
+
+
+@triton.jit
+def _expand_like(weight, acc):
+    # [BLOCK_M] against [BLOCK_M, D] in the attention kernel; scalars against [D] in the merge kernel
+    if len(acc.shape) == 2:
+        return weight[:, None]
+    else:
+        return weight
 
 
 @triton.jit(do_not_specialize=["num_splits", "has_kv_start"])
 def _merge_splits_kernel(
     out, part_acc, part_max, part_sum, cu_q_lens, kv_lens, kv_start,
     num_heads, num_splits, has_kv_start,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLIT: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """out[decode row, head] from its splits' (max, sum, acc), reduced in a fixed order (split 0 first)."""
+    """out[decode row, head] from its splits' (max, sum, acc), folded by _merge in split order."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     q_lo = tl.load(cu_q_lens + row)
@@ -231,23 +245,17 @@ def _merge_splits_kernel(
         return
 
     base = (row * num_heads + head).to(tl.int64) * num_splits
-    offs_s = tl.arange(0, MERGE)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_valid = offs_d < HEAD_DIM
     m = float("-inf")
-    for first in range(0, row_splits, MERGE):
-        maxes = tl.load(part_max + base + first + offs_s, mask=first + offs_s < row_splits, other=float("-inf"))
-        m = tl.maximum(m, tl.max(maxes, axis=0))
     total = 0.0
     acc = tl.zeros([HEAD_DIM_PAD], tl.float32)
-    for first in range(0, row_splits, MERGE):
-        s_valid = first + offs_s < row_splits
-        weight = tl.exp2(tl.load(part_max + base + first + offs_s, mask=s_valid, other=float("-inf")) - m)
-        total += tl.sum(tl.load(part_sum + base + first + offs_s, mask=s_valid, other=0.0) * weight, axis=0)
-        acc_ptrs = part_acc + (base + first + offs_s)[:, None] * HEAD_DIM + offs_d[None, :]
-        part = tl.load(acc_ptrs, mask=s_valid[:, None] & d_valid[None, :], other=0.0)
-        acc += tl.sum(part * weight[:, None], axis=0)
-    o = _round_like(acc / total, out.dtype.element_ty, INTERPRET)
+    for split in range(0, row_splits):  # in split order, as a query tile folds them
+        part_m = tl.load(part_max + base + split)
+        part_l = tl.load(part_sum + base + split)
+        part = tl.load(part_acc + (base + split) * HEAD_DIM + offs_d, mask=d_valid, other=0.0)
+        m, total, acc = _merge(m, total, acc, part_m, part_l, part)
+    o = round_like(acc / tl.where(total == 0.0, 1.0, total), out.dtype.element_ty, INTERPRET)
     o_ptrs = out + q_lo.to(tl.int64) * (num_heads * HEAD_DIM) + head * HEAD_DIM + offs_d
     tl.store(o_ptrs, o.to(out.dtype.element_ty), mask=d_valid)
 
@@ -282,7 +290,7 @@ def paged_attention(
 
     group = num_heads // num_kv_heads
     head_dim_pad = triton.next_power_of_2(head_dim)
-    cfg = tile_config(q.dtype, head_dim_pad, _device_arch(q.device))
+    cfg = tile_config(q.dtype, head_dim_pad, device_arch(q.device))
     group_block = min(triton.next_power_of_2(group), cfg.block_m)
     head_chunks = triton.cdiv(group, group_block)
     assert SPLIT_TOKENS % cfg.block_n == 0, "a split must hold whole KV tiles"
@@ -308,7 +316,7 @@ def paged_attention(
     if num_splits > 1:
         _merge_splits_kernel[(num_rows, num_heads)](
             out, *parts, cu_q_lens, kv_lens, kv_start, num_heads, num_splits, int(has_kv_start),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLIT=SPLIT_TOKENS, MERGE=MERGE_SPLITS,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLIT=SPLIT_TOKENS,
             INTERPRET=INTERPRET, num_warps=_merge_warps(head_dim_pad),
         )
     return out
@@ -374,7 +382,7 @@ def compile_specs(arch: int) -> list[CompileSpec]:
     """
     specs = []
     for dtype in DTYPES:
-        ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+        ty = TRITON_DTYPE[dtype]
         for head_dim in HEAD_DIMS:
             pad = triton.next_power_of_2(head_dim)
             cfg = tile_config(dtype, pad, arch)
@@ -387,7 +395,7 @@ def compile_specs(arch: int) -> list[CompileSpec]:
             specs.append(CompileSpec(
                 name=f"paged_attention_merge[{ty},D={head_dim}]", fn=_merge_splits_kernel,
                 signature=_merge_signature(ty),
-                constexprs=dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, SPLIT=SPLIT_TOKENS, MERGE=MERGE_SPLITS,
+                constexprs=dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, SPLIT=SPLIT_TOKENS,
                                 INTERPRET=False),
                 num_warps=_merge_warps(pad), num_stages=2))
     return specs
@@ -408,6 +416,6 @@ def _attention_signature(ty: str) -> dict[str, str]:
 def _merge_signature(ty: str) -> dict[str, str]:
     sig = {"out": f"*{ty}", "part_acc": "*fp32", "part_max": "*fp32", "part_sum": "*fp32", "cu_q_lens": "*i32",
            "kv_lens": "*i32", "kv_start": "*i32", "num_heads": "i32", "num_splits": "i32", "has_kv_start": "i32"}
-    for name in ("HEAD_DIM", "HEAD_DIM_PAD", "SPLIT", "MERGE", "INTERPRET"):
+    for name in ("HEAD_DIM", "HEAD_DIM_PAD", "SPLIT", "INTERPRET"):
         sig[name] = "constexpr"
     return sig

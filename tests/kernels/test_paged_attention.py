@@ -221,6 +221,31 @@ def test_batch_invariance(small_splits, dtype, q_len, kv_len):
         assert torch.equal(out, alone), f"{what}: output differs from the row alone"
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_query_bits_do_not_depend_on_how_its_prompt_is_cut(small_splits, backend, dtype):
+    """A query computed in the whole prompt, in a prompt chunk cut anywhere, or alone as a decode row gives the
+    same bits, on contexts that cross split boundaries (every SMALL_SPLIT tokens from kv_start)."""
+    heads, kv_heads, head_dim, block_size, start, length = 6, 2, 64, 16, 5, 150
+    row = random_row(length - start, length, start, heads, kv_heads, head_dim, dtype)
+
+    def queries(lo: int, hi: int, seed: int) -> Tensor:
+        """Outputs of the queries at slots lo .. hi - 1, computed as one call whose last query is hi - 1."""
+        part = Row(q=row.q[lo - start:hi - start], k=row.k[:hi - start], v=row.v[:hi - start], kv_start=start)
+        neighbour = random_row(3, 40, 0, heads, kv_heads, head_dim, dtype)
+        return target_output([neighbour, part], 1, block_size, seed=seed)
+
+    with kernels.backend("auto" if backend == "triton" else "torch"):
+        whole = queries(start, length, seed=0)
+        assert not whole.isnan().any()
+        cuts = [start, start + 1, 40, start + SMALL_SPLIT, start + SMALL_SPLIT + 1, 131, length]
+        chunked = torch.cat([queries(lo, hi, seed=i) for i, (lo, hi) in enumerate(zip(cuts, cuts[1:]))])
+        assert torch.equal(chunked, whole), "chunked prefill differs from the whole prompt"
+        for slot in (start, start + SMALL_SPLIT - 1, start + SMALL_SPLIT, start + 2 * SMALL_SPLIT + 1, length - 1):
+            decoded = queries(slot, slot + 1, seed=slot)
+            assert torch.equal(decoded, whole[slot - start:slot - start + 1]), f"query at slot {slot} as a decode row"
+
+
 # ---- bad calls fail on the host, with the reason
 
 def bad_call(**changes) -> dict:
