@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--ignore-eos", action="store_true")
     sampling.add_argument("--logprobs", type=int, default=None, metavar="N",
                           help="also write each generated token's logprob and the N most likely")
+    sampling.add_argument("--n", type=int, default=1,
+                          help="completions per prompt; n > 1 writes them as a list under \"outputs\"")
     gen.add_argument("--chat", action="store_true",
                      help="render plain prompts with the tokenizer's chat template as one user message")
     engine = gen.add_argument_group("engine")
@@ -207,7 +209,7 @@ def _generate(args, requests: list[PromptLine], params: list, make_writer, done:
 def _sampling_options(args: argparse.Namespace) -> dict:
     return dict(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
-                ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+                ignore_eos=args.ignore_eos, logprobs=args.logprobs, n=args.n)
 
 
 def _params_for(request: PromptLine, base: dict):
@@ -228,7 +230,7 @@ class _Totals:
     def add(self, output) -> None:
         self.requests += 1
         self.prompt_tokens += len(output.prompt_token_ids)
-        self.generated_tokens += len(output.token_ids)
+        self.generated_tokens += sum(len(c.token_ids) for c in output.outputs)
 
 
 def _run(args, llm, requests, params, prompt_ids, todo: list[int], writer: ResultsWriter, results) -> int:
@@ -258,7 +260,7 @@ def _run(args, llm, requests, params, prompt_ids, todo: list[int], writer: Resul
         writer.close()
     if results:
         results.complete()
-    _print_summary(totals, skipped=skipped, elapsed=time.perf_counter() - start, output=args.output)
+    _print_summary(totals, skipped=skipped, elapsed=time.perf_counter() - start, output=args.output, stats=llm.stats)
     return 0
 
 
@@ -323,13 +325,21 @@ def _finished(llm, prompt_ids: list[list[int]], params: list, indices: list[int]
 
 
 def _record(request: PromptLine, output) -> dict:
-    record = dict(id=request.id, text=output.text, token_ids=list(output.token_ids),
-                  finish_reason=output.finish_reason, num_prompt_tokens=len(output.prompt_token_ids),
-                  num_generated_tokens=len(output.token_ids))
-    if output.logprobs is not None:
+    """One line: the completion's fields beside the id, or with n > 1 a list of them under "outputs"."""
+    num_prompt_tokens = len(output.prompt_token_ids)
+    if len(output.outputs) == 1:
+        return dict(id=request.id, **_completion_record(output.outputs[0], num_prompt_tokens=num_prompt_tokens))
+    return dict(id=request.id, num_prompt_tokens=num_prompt_tokens,
+                outputs=[_completion_record(c) for c in output.outputs])
+
+
+def _completion_record(completion, **prompt_counts) -> dict:
+    record = dict(text=completion.text, token_ids=list(completion.token_ids), finish_reason=completion.finish_reason,
+                  **prompt_counts, num_generated_tokens=len(completion.token_ids))
+    if completion.logprobs is not None:
         record["logprobs"] = [dict(token_id=lp.token_id, logprob=lp.logprob,
                                    top_logprobs=[[t, p] for t, p in lp.top_logprobs.items()])
-                              for lp in output.logprobs]
+                              for lp in completion.logprobs]
     return record
 
 
@@ -340,9 +350,11 @@ def _progress_bar(total: int, initial: int, disable: bool):
                 dynamic_ncols=True)
 
 
-def _print_summary(totals: _Totals, skipped: int, elapsed: float, output: Path) -> None:
+def _print_summary(totals: _Totals, skipped: int, elapsed: float, output: Path, stats) -> None:
     resumed = f" ({skipped} already done)" if skipped else ""
-    print(f"batchdecode: {totals.requests} requests{resumed}, {totals.prompt_tokens} prompt tokens, "
+    cache = (f" (prefix cache: {stats.num_computed_prompt_tokens} of {stats.num_prompt_tokens} computed, "
+             f"{stats.prefix_cache_hit_rate:.0%} hits)")
+    print(f"batchdecode: {totals.requests} requests{resumed}, {totals.prompt_tokens} prompt tokens{cache}, "
           f"{totals.generated_tokens} generated tokens in {elapsed:.1f} s: "
           f"{totals.generated_tokens / elapsed:.1f} generated tok/s, "
           f"{(totals.prompt_tokens + totals.generated_tokens) / elapsed:.1f} total tok/s -> {output}",
