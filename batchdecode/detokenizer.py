@@ -19,6 +19,7 @@ class IncrementalDetokenizer:
         self.window = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.read_offset = len(self.window)   # window[:read_offset] is context already turned into text
         self.text = ""
+        self.stopped = False
 
     def append(self, token_id: int, check_stop: bool = True) -> bool:
         """Decode one more token. True when a stop string completed; the text is then cut before it."""
@@ -40,7 +41,20 @@ class IncrementalDetokenizer:
         if not hits:
             return False
         self.text = self.text[: min(hits)]
+        self.stopped = True
         return True
+
+    def flush(self) -> str:
+        """The final text once the request has ended. Tokens still waiting for the rest of a character become text
+        as decoding the whole completion at once makes them (a trailing U+FFFD), so a stop string that never
+        matched leaves the text as it is without one; after a stop string, the cut text."""
+        if not self.stopped and self.read_offset < len(self.window):
+            before = self._decode(self.window[: self.read_offset])
+            after = self._decode(self.window)
+            if after.startswith(before):
+                self.text += after[len(before):]
+            self.read_offset = len(self.window)   # flushed: a second call adds nothing
+        return self.text
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -5,6 +5,7 @@ import dataclasses
 import operator
 from collections.abc import Iterator
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, decode_completion
+from .engine_config import EngineConfig
 from .model_runner import ModelRunner
 from .models import load_model
 from .outputs import CompletionOutput, EngineStats, RequestOutput
@@ -23,29 +25,6 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 
 Prompt = str | list[int] | dict
-_CPU_KV_CACHE_BYTES = 2 << 30     # default CPU pool cap
-_CPU_TOKENS_PER_SEQ = 512          # default CPU pool: max_num_seqs rows of this many tokens (within the cap)
-
-
-@dataclass(slots=True)
-class EngineConfig:
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int | None = None
-    num_kv_blocks: int | None = None
-    kv_cache_memory_fraction: float = 0.9
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self):
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.block_size > 256 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of 2 from 1 to 256 (the attention kernel's pages), got {self.block_size}")
-        if not 0 < self.kv_cache_memory_fraction <= 1:
-            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
 
 
 class LLM:
@@ -55,6 +34,8 @@ class LLM:
     transformers model instance, whose weights are used in place (on its own device and dtype unless given).
     tokenizer: a tokenizer or a folder; without one (an instance given alone, or a folder without tokenizer
     files) prompts must be token ids, outputs have text "" and stop strings are refused.
+    engine_settings: the fields of EngineConfig, where each default is written (vLLM's names); `llm.config`
+    holds them resolved after start-up.
     device: CUDA when available, else CPU. dtype: bfloat16 on CUDA, float32 on CPU.
     The KV pool holds num_kv_blocks pages of block_size tokens; by default, on CUDA it takes
     kv_cache_memory_fraction of the memory free after loading the weights, less what a step of
@@ -63,27 +44,30 @@ class LLM:
     On CUDA, decode steps replay CUDA graphs captured at start-up; enforce_eager=True runs every step eagerly.
     enable_prefix_caching: requests (and the n completions of one) share the KV pages of a common prompt prefix,
     with bitwise the same results as computing it again; `llm.stats` reports the prompt tokens computed.
+    An LLM serves one call at a time: a new generate() or generate_iter() drops what an unfinished generate_iter
+    of the same thread left, and a call from another thread while one is open raises RuntimeError.
     """
 
-    def __init__(self, model: str | os.PathLike | PreTrainedModel, *, tokenizer=None, device=None, dtype=None,
-                 block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 max_model_len: int | None = None, num_kv_blocks: int | None = None,
-                 kv_cache_memory_fraction: float = 0.9, enforce_eager: bool = False, enable_prefix_caching: bool = True):
-        self.config = EngineConfig(block_size, max_num_seqs, max_num_batched_tokens, max_model_len, num_kv_blocks,
-                                   kv_cache_memory_fraction, enable_prefix_caching)
-        device, dtype = _default_device_dtype(model, device, dtype)
+    def __init__(self, model: str | os.PathLike | PreTrainedModel, *, tokenizer=None, **engine_settings):
+        config = EngineConfig.from_kwargs("LLM()", engine_settings)
+        device, dtype = _default_device_dtype(model, config.device, config.dtype)
         self.model, self.hf_config = load_model(model, dtype=dtype, device=device)
         self.tokenizer = _load_tokenizer(model, tokenizer)
         self.eos_token_ids = _eos_token_ids(model, self.hf_config, self.tokenizer)
-        self.max_model_len = self._check_max_model_len(max_model_len)
-        weights = next(self.model.parameters())
-        self.model_runner = ModelRunner(self.model, block_size, weights.device, weights.dtype)
-        self.num_kv_blocks = num_kv_blocks or self._default_num_kv_blocks()
-        self.model_runner.allocate_kv_cache(self.num_kv_blocks)
-        if self.model_runner.device.type == "cuda" and not enforce_eager:
-            self.model_runner.capture_cuda_graphs(max_num_seqs, self.max_model_len)
-        self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, block_size, enable_prefix_caching),
-                                   max_num_seqs, max_num_batched_tokens)
+        self.model_runner = ModelRunner(self.model, config)   # profiles, sizes and allocates the KV pool, captures
+        self.config = self.model_runner.config                # every setting resolved
+        self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, self.config.block_size,
+                                                self.config.enable_prefix_caching),
+                                   self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self._calls = _OneCallAtATime(self.scheduler)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.config.num_kv_blocks
 
     @property
     def stats(self) -> EngineStats:
@@ -106,6 +90,7 @@ class LLM:
         the prompt's position). Closing the iterator early drops the requests still running and frees their pages.
         """
         seqs = self._make_sequences(prompts, sampling_params)
+        call = self._calls.begin()
         self.scheduler.stats = EngineStats()
         self.scheduler.add_all(seqs)
         completions: dict[int, list[Sequence]] = {}   # finished completions of each request still running
@@ -115,9 +100,11 @@ class LLM:
                 finished, num_prefill, num_decode = self.step()
                 outputs = [self._output(done) for done in _whole_requests(finished, completions)]
                 progress.update(len(outputs), num_prefill, num_decode)
-                yield from outputs
+                for output in outputs:
+                    yield output
+                    call.check_not_abandoned()
         finally:
-            self.scheduler.abort_all()   # nothing left after a normal run; frees the pages after an error
+            self._calls.end(call)   # frees the pages of what is left after an error or an early close
             progress.close()
 
     def step(self) -> tuple[list[Sequence], int, int]:
@@ -190,35 +177,13 @@ class LLM:
 
     def _text(self, seq: Sequence) -> str:
         if seq.detokenizer is not None:
-            return seq.detokenizer.text
+            return seq.detokenizer.flush()
         if self.tokenizer is None:
             return ""
         completion = seq.completion_token_ids
         if seq.stopped_by_token:   # EOS / stop tokens end the request without entering its text
             completion = completion[:-1]
         return decode_completion(self.tokenizer, seq.token_ids[:seq.num_prompt_tokens], completion)
-
-    # setup
-
-    def _check_max_model_len(self, max_model_len: int | None) -> int:
-        limit = self.model.max_position
-        if max_model_len is not None and max_model_len > limit:
-            raise ValueError(f"max_model_len={max_model_len} is longer than the model computes exactly ({limit})")
-        return max_model_len or limit
-
-    def _default_num_kv_blocks(self) -> int:
-        runner, cfg = self.model_runner, self.config
-        if runner.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(runner.device)   # what the weights left
-            step_bytes = runner.profile_peak_bytes(cfg.max_num_batched_tokens, cfg.max_num_seqs, self.max_model_len)
-            num_blocks = int((free * cfg.kv_cache_memory_fraction - step_bytes) // runner.bytes_per_block)
-            if num_blocks < 1:
-                raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free, a step needs "
-                                 f"{step_bytes / 2**30:.1f} GiB): lower max_num_batched_tokens or max_num_seqs")
-            return num_blocks
-        tokens = cfg.max_num_seqs * min(self.max_model_len, _CPU_TOKENS_PER_SEQ)
-        num_blocks = min(-(-tokens // cfg.block_size), _CPU_KV_CACHE_BYTES // runner.bytes_per_block)
-        return max(num_blocks, -(-self.max_model_len // cfg.block_size), 1)
 
 
 def _whole_requests(finished: list[Sequence], completions: dict[int, list[Sequence]]) -> list[list[Sequence]]:
@@ -300,6 +265,46 @@ def _eos_token_ids(model, hf_config, tokenizer) -> frozenset[int]:
         eos = getattr(source, "eos_token_id", None)
         ids.update([eos] if isinstance(eos, int) else (eos or []))
     return frozenset(ids)
+
+
+class _OneCallAtATime:
+    """Which generate call owns the engine. A new call drops what an unfinished generate_iter of the same thread
+    left (one next() kept, or an exception in the loop body), so every call starts clean; that iterator raises if
+    resumed. Another thread's open call is a clear error: the engine's state is one call's."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.lock = threading.Lock()
+        self.open: _Call | None = None
+
+    def begin(self) -> _Call:
+        with self.lock:
+            if self.open is not None:
+                owner = self.open.thread
+                if owner is not threading.current_thread() and owner.is_alive():
+                    raise RuntimeError(f"this LLM is serving a generate call of thread {owner.name!r}; an LLM serves "
+                                       "one call at a time: wait for it, or give each thread its own LLM")
+                self.open.abandoned = True
+                self.scheduler.abort_all()
+            self.open = _Call(threading.current_thread())
+            return self.open
+
+    def end(self, call: _Call) -> None:
+        with self.lock:
+            if self.open is call:   # an abandoned call's requests are gone, and the engine is another call's
+                self.scheduler.abort_all()
+                self.open = None
+
+
+@dataclass(eq=False)
+class _Call:
+    thread: threading.Thread
+    abandoned: bool = False
+
+    def check_not_abandoned(self) -> None:
+        if self.abandoned:
+            raise RuntimeError("this generate_iter was left unfinished and a later generate call on the same LLM "
+                               "dropped its requests; an LLM serves one call at a time")
 
 
 class _Progress:

@@ -1,10 +1,13 @@
 """One engine step on the device: scheduled rows -> ForwardBatch -> model -> sampler -> token ids on the host.
 
-The metadata is built with a few vectorised ops on small CPU tensors made from per-row ints, then moved with
-one copy (from pinned memory on CUDA). The sampled token ids coming back are the step's only host sync.
+Start-up runs once, in this order: profile a step of the largest size, size the KV pool from what is left,
+allocate it, capture the decode graphs over it. A step's metadata is built with a few vectorised ops on small
+CPU tensors made from per-row ints, then moved with one copy (from pinned memory on CUDA). The sampled token ids
+coming back are the step's only host sync.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import chain
 
 import numpy as np
@@ -12,45 +15,116 @@ import torch
 from torch import Tensor, nn
 
 from .batch import ForwardBatch
-from .block_manager import BlockManager
 from .cuda_graphs import DecodeGraphs
+from .engine_config import EngineConfig
 from .outputs import TokenLogprobs
-from .sampler import SamplerOutput, SamplingTensors, sample, seed_keys
+from .sampler import SamplerOutput, SamplingTensors, sample
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+from .transfer import to_device
+
+_CPU_KV_CACHE_BYTES = 2 << 30     # default CPU pool cap
+_CPU_TOKENS_PER_SEQ = 512          # default CPU pool: max_num_seqs rows of this many tokens (within the cap)
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, block_size: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, config: EngineConfig):
+        """Set the engine up on the model's device and dtype: profile, size the KV pool, allocate it, capture graphs.
+
+        self.config is config resolved: device, dtype, max_model_len and num_kv_blocks as the engine runs them.
+        """
+        weights = next(model.parameters())
         self.model = model
-        self.block_size = block_size
-        self.device = device
-        self.dtype = dtype
+        self.block_size = config.block_size
+        self.device, self.dtype = weights.device, weights.dtype
         self.kv_caches: list[tuple[Tensor, Tensor]] = []
         self.graphs: DecodeGraphs | None = None
+        self.config = replace(config, device=self.device, dtype=self.dtype,
+                              max_model_len=self._max_model_len(config.max_model_len))
+        self.config.num_kv_blocks = config.num_kv_blocks or self._default_num_kv_blocks()
+        self._allocate_kv_cache(self.config.num_kv_blocks)
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self._capture_cuda_graphs()
 
     @property
     def bytes_per_block(self) -> int:
         m = self.model
         return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    # setup
+
+    def _max_model_len(self, max_model_len: int | None) -> int:
+        limit = self.model.max_position
+        if max_model_len is not None and max_model_len > limit:
+            raise ValueError(f"max_model_len={max_model_len} is longer than the model computes exactly ({limit})")
+        return max_model_len or limit
+
+    def _default_num_kv_blocks(self) -> int:
+        cfg = self.config
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)   # what the weights left
+            step_bytes = self._profile_step_bytes()
+            num_blocks = int((free * cfg.kv_cache_memory_fraction - step_bytes) // self.bytes_per_block)
+            if num_blocks < 1:
+                raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free, a step needs "
+                                 f"{step_bytes / 2**30:.1f} GiB): lower max_num_batched_tokens or max_num_seqs")
+            return num_blocks
+        tokens = cfg.max_num_seqs * min(cfg.max_model_len, _CPU_TOKENS_PER_SEQ)
+        num_blocks = min(-(-tokens // cfg.block_size), _CPU_KV_CACHE_BYTES // self.bytes_per_block)
+        return max(num_blocks, -(-cfg.max_model_len // cfg.block_size), 1)
+
+    def _profile_step_bytes(self) -> int:
+        """Device memory a step of the largest size takes beyond the weights and KV cache (CUDA only).
+
+        Runs one dummy step the scheduler could build: max_num_batched_tokens prompt tokens over as many rows
+        as may sample together, each with top-k, top-p, min-p and logprobs, so the sampler's copies count too.
+        Every page of every row is one scratch page: what a step allocates does not depend on which pages it
+        reads or writes, so no pool is allocated before this step has told how much memory is left for one.
+        """
+        cfg = self.config
+        num_tokens = cfg.max_num_batched_tokens
+        num_rows = max(min(cfg.max_num_seqs, num_tokens), -(-num_tokens // cfg.max_model_len))
+        lengths = [num_tokens // num_rows + (i < num_tokens % num_rows) for i in range(num_rows)]
+        params = SamplingParams(top_k=50, top_p=0.9, min_p=0.01, logprobs=20)
+        seqs = [Sequence(i, None, [0] * n, params, frozenset(), None) for i, n in enumerate(lengths)]
+        for seq in seqs:
+            seq.block_table = [0] * -(-len(seq) // self.block_size)
+        self._allocate_kv_cache(1)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        with torch.inference_mode():
+            self._forward_and_sample(ScheduledBatch(seqs, lengths))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        return peak
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = []   # free the old pool first
         shape = (num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(self.model.num_layers)]
 
-    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
-        """Capture decode-step graphs over the current KV cache (CUDA only; call after allocate_kv_cache)."""
+    def _capture_cuda_graphs(self) -> None:
+        """Capture decode-step graphs over the KV cache just allocated (CUDA only)."""
         with torch.inference_mode():
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs,
-                                       -(-max_model_len // self.block_size), self.device)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
+                                       -(-self.config.max_model_len // self.block_size), self.device)
+
+    # step
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
         """Compute the scheduled tokens; return the sampled token (and logprobs) of each row in batch.sampled_seqs."""
+        output = self._forward_and_sample(batch)
+        return ([], []) if output is None else self._to_host(batch.sampled_seqs, output)
+
+    def _forward_and_sample(self, batch: ScheduledBatch) -> SamplerOutput | None:
+        """The model's step, then the sampler's over the rows that sample (None when none does); no host sync."""
         sampled_seqs = batch.sampled_seqs
         graph_size = self._graph_size(batch)
         if graph_size is not None:
@@ -58,9 +132,8 @@ class ModelRunner:
         else:
             logits = self.model(self.prepare_inputs(batch), self.kv_caches)
         if not sampled_seqs:
-            return [], []
-        output = sample(logits, self.prepare_sampling(sampled_seqs))
-        return self._to_host(sampled_seqs, output)
+            return None
+        return sample(logits, SamplingTensors.from_seqs(sampled_seqs, self.model.vocab_size, self.device))
 
     def _graph_size(self, batch: ScheduledBatch) -> int | None:
         """A captured graph's size when this is a decode step (one token per row, every row sampling)."""
@@ -111,44 +184,8 @@ class ModelRunner:
         table[rows, cols] = pages
         return table
 
-    def prepare_sampling(self, seqs: list[Sequence]) -> SamplingTensors:
-        params: list[SamplingParams] = [seq.params for seq in seqs]
-        banned = [(row, token) for row, seq in enumerate(seqs)
-                  if seq.num_completion_tokens < seq.params.min_tokens for token in seq.stop_token_ids]
-        logprobs = [p.logprobs for p in params if p.logprobs is not None]
-        sampling = SamplingTensors(all_greedy=all(p.temperature == 0 for p in params),
-                                   max_logprobs=min(max(logprobs), self.model.vocab_size) if logprobs else None)
-        if banned:
-            banned_t = self._to_device(torch.tensor(banned, dtype=torch.int64))[0]
-            sampling.banned_rows, sampling.banned_tokens = banned_t[:, 0], banned_t[:, 1]
-        if not sampling.all_greedy:
-            self._prepare_random(sampling, seqs, params)
-        return sampling
-
-    def _prepare_random(self, sampling: SamplingTensors, seqs: list[Sequence], params: list[SamplingParams]) -> None:
-        vocab_size = self.model.vocab_size
-        floats = torch.tensor([[p.temperature, p.top_p, p.min_p] for p in params], dtype=torch.float32)
-        top_ks = torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params])
-        seeded = [(row, *seed_keys(p.seed, seq.num_completion_tokens))
-                  for row, (seq, p) in enumerate(zip(seqs, params)) if p.seed is not None and p.temperature > 0]
-        (floats,) = self._to_device(floats)
-        top_ks, seeded_t = self._to_device(top_ks, torch.tensor(seeded, dtype=torch.int64).view(-1, 3))
-        sampling.temperatures, top_ps, min_ps = floats.unbind(1)
-        if any(0 < p.top_k < vocab_size for p in params):
-            sampling.top_ks = top_ks
-        if any(p.top_p < 1 for p in params):
-            sampling.top_ps = top_ps
-        if any(p.min_p > 0 for p in params):
-            sampling.min_ps = min_ps
-        if seeded:
-            sampling.seeded_rows, sampling.seeded_keys = seeded_t[:, 0], seeded_t[:, 1:]
-
     def _to_device(self, *tensors: Tensor) -> list[Tensor]:
-        """Move small CPU tensors of one dtype to the device in one copy (non-blocking, from pinned memory)."""
-        if self.device.type == "cpu":
-            return list(tensors)
-        flat = torch.cat([t.flatten() for t in tensors]).pin_memory().to(self.device, non_blocking=True)
-        return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        return to_device(self.device, *tensors)
 
     def _to_host(self, seqs: list[Sequence], output: SamplerOutput) -> tuple[list[int], list[TokenLogprobs | None]]:
         tensors = [output.token_ids]
@@ -158,6 +195,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()   # the step's one host sync
         token_ids = host[0].tolist()
+        _check_finite(seqs, token_ids)
         if output.logprobs is None:
             return token_ids, [None] * len(seqs)
         chosen, top_ids, top_lps = (t.tolist() for t in host[1:])
@@ -167,28 +205,13 @@ class ModelRunner:
                     for i, seq in enumerate(seqs)]
         return token_ids, logprobs
 
-    def profile_peak_bytes(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
-        """Device memory a step of the largest size takes beyond the weights and KV cache (CUDA only).
-
-        Runs one dummy step the scheduler could build: max_num_batched_tokens prompt tokens over as many rows
-        as may sample together, each with top-k, top-p, min-p and logprobs, so the sampler's copies count too.
-        """
-        num_rows = max(min(max_num_seqs, max_num_batched_tokens), -(-max_num_batched_tokens // max_model_len))
-        lengths = [max_num_batched_tokens // num_rows + (i < max_num_batched_tokens % num_rows) for i in range(num_rows)]
-        params = SamplingParams(top_k=50, top_p=0.9, min_p=0.01, logprobs=20)
-        seqs = [Sequence(i, None, [0] * n, params, frozenset(), None) for i, n in enumerate(lengths)]
-        block_manager = BlockManager(sum(-(-n // self.block_size) for n in lengths), self.block_size)
-        for seq in seqs:
-            block_manager.allocate(seq, len(seq))
-        self.allocate_kv_cache(block_manager.num_blocks)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        self.run(ScheduledBatch(seqs, lengths))
-        peak = torch.cuda.max_memory_allocated(self.device) - base
-        self.kv_caches = []
-        torch.cuda.empty_cache()
-        return peak
+def _check_finite(seqs: list[Sequence], token_ids: list[int]) -> None:
+    """The sampler marks a row whose logits were not finite with token id -1: stop, naming the requests."""
+    bad = [seq.index for seq, token_id in zip(seqs, token_ids) if token_id < 0]
+    if bad:
+        raise ValueError(f"request{'s' * (len(bad) > 1)} {', '.join(map(str, bad))}: the model produced non-finite "
+                         "logits (NaN or inf): its weights hold NaN or inf, or its activations overflowed "
+                         "(in float16, try bfloat16 or float32)")
 
 
 def _int64(values: list[int]) -> Tensor:

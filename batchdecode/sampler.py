@@ -5,13 +5,21 @@ temperature, keep their top-k, then top-p, then min-p tokens, and draw with the 
 probs / E with E ~ Exp(1) per token, which picks token i with probability probs[i]. A seeded row's E comes
 from a counter-based hash of (seed, token index in the request, vocab id), so its draw never depends on what
 else is in the batch or how many steps the batch took; unseeded rows use torch's global generator.
+A row whose logits are not finite (NaN or inf weights, float16 overflow) gets token id -1, which the host reads
+with the token ids it copies anyway, so the check costs no extra sync.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from .transfer import to_device
+
+if TYPE_CHECKING:
+    from .sequence import Sequence
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -32,10 +40,50 @@ class SamplingTensors:
     seeded_keys: Tensor | None = None     # [Ns, 2] int64, two 32-bit keys per seeded row (from seed_keys)
     max_logprobs: int | None = None       # largest logprobs N asked for in the batch; None = none asked
 
+    @classmethod
+    def from_seqs(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingTensors:
+        """The parameters of the rows that sample this step, row i from seqs[i], moved to device."""
+        params = [seq.params for seq in seqs]
+        logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        tensors = cls(all_greedy=all(p.greedy for p in params),
+                      max_logprobs=min(max(logprobs), vocab_size) if logprobs else None)
+        tensors._ban_stop_tokens(seqs, device)
+        if not tensors.all_greedy:
+            tensors._add_random(seqs, vocab_size, device)
+        return tensors
+
+    def _ban_stop_tokens(self, seqs: list[Sequence], device: torch.device) -> None:
+        # EOS and stop token ids may not be drawn before min_tokens
+        banned = [(row, token) for row, seq in enumerate(seqs)
+                  if seq.num_completion_tokens < seq.params.min_tokens for token in seq.stop_token_ids]
+        if banned:
+            (banned_t,) = to_device(device, torch.tensor(banned, dtype=torch.int64))
+            self.banned_rows, self.banned_tokens = banned_t[:, 0], banned_t[:, 1]
+
+    def _add_random(self, seqs: list[Sequence], vocab_size: int, device: torch.device) -> None:
+        params = [seq.params for seq in seqs]
+        # a greedy row's temperature is 0, also when it is greedy for being below GREEDY_TEMPERATURE
+        floats = torch.tensor([[0.0 if p.greedy else p.temperature, p.top_p, p.min_p] for p in params],
+                              dtype=torch.float32)
+        top_ks = torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params])
+        seeded = [(row, *seed_keys(p.seed, seq.num_completion_tokens))
+                  for row, (seq, p) in enumerate(zip(seqs, params)) if p.seed is not None and not p.greedy]
+        (floats,) = to_device(device, floats)
+        top_ks, seeded_t = to_device(device, top_ks, torch.tensor(seeded, dtype=torch.int64).view(-1, 3))
+        self.temperatures, top_ps, min_ps = floats.unbind(1)
+        if any(0 < p.top_k < vocab_size for p in params):
+            self.top_ks = top_ks
+        if any(p.top_p < 1 for p in params):
+            self.top_ps = top_ps
+        if any(p.min_p > 0 for p in params):
+            self.min_ps = min_ps
+        if seeded:
+            self.seeded_rows, self.seeded_keys = seeded_t[:, 0], seeded_t[:, 1:]
+
 
 @dataclass(slots=True)
 class SamplerOutput:
-    token_ids: Tensor                    # [N] int64
+    token_ids: Tensor                    # [N] int64; -1 where the row's logits were not finite
     logprobs: Tensor | None = None       # [N] float32, the chosen tokens' raw logprobs
     top_token_ids: Tensor | None = None  # [N, max_logprobs] int64
     top_logprobs: Tensor | None = None   # [N, max_logprobs] float32
@@ -48,13 +96,16 @@ def sample(logits: Tensor, params: SamplingTensors) -> SamplerOutput:
         logits = logits.clone()
         logits[params.banned_rows, params.banned_tokens] = float("-inf")
     token_ids = logits.argmax(-1)
+    # argmax picks a NaN over any number, so the row's largest logit is finite exactly when the row has no NaN,
+    # no +inf and is not all -inf: one gather checks it, instead of another pass over the vocabulary
+    finite = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1).isfinite()
     if not params.all_greedy:
         token_ids = torch.where(params.temperatures == 0, token_ids, _sample_random(logits, params))
     if raw_logprobs is None:
-        return SamplerOutput(token_ids)
+        return SamplerOutput(token_ids.masked_fill(~finite, -1))
     top_logprobs, top_token_ids = raw_logprobs.topk(params.max_logprobs, dim=-1)
     chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-    return SamplerOutput(token_ids, chosen, top_token_ids, top_logprobs)
+    return SamplerOutput(token_ids.masked_fill(~finite, -1), chosen, top_token_ids, top_logprobs)
 
 
 def _sample_random(logits: Tensor, params: SamplingTensors) -> Tensor:

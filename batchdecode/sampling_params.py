@@ -2,18 +2,26 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 from dataclasses import dataclass
+
+# Below this, logits / temperature can overflow float32 (1e-39 is subnormal: every logit becomes inf and the draw
+# NaN), while the distribution is already one-hot up to ties: such a temperature samples greedily, as in vLLM.
+GREEDY_TEMPERATURE = 1e-5
+_SEED_LIMIT = 1 << 64   # seeds are hashed as unsigned 64-bit ints; a larger one would wrap onto another seed
 
 
 @dataclass(slots=True)
 class SamplingParams:
-    """temperature=0 is greedy. top_k=0 and top_p=1 and min_p=0 switch those filters off.
+    """temperature=0 (or below GREEDY_TEMPERATURE) is greedy. top_k=0 and top_p=1 and min_p=0 switch those filters off.
 
     stop: strings that end the request when they appear in the generated text; the text is cut before the
     stop string, while token_ids keep every token up to and including the one that completed it.
     stop_token_ids: token ids that end the request (kept in token_ids, left out of the text, like EOS).
     min_tokens: EOS and stop_token_ids are masked out, and stop strings ignored, until this many tokens exist.
-    seed: a seeded request's samples depend only on (seed, token index), never on the rest of the batch.
+    seed: an int in [0, 2**64); a seeded request's samples depend only on (seed, token index), never on the rest
+    of the batch.
     logprobs: for each generated token, its log-probability and the `logprobs` most likely tokens', under the
     model's raw distribution (log_softmax of the logits before temperature, top-k/p, min-p, min_tokens).
     n: completions of the prompt, returned together in RequestOutput.outputs; with prefix caching they share the
@@ -44,17 +52,20 @@ class SamplingParams:
 
     def _validate(self):
         checks = [
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (_is_real(self.temperature) and 0 <= self.temperature < math.inf,
+             f"temperature must be a finite number >= 0, got {self.temperature!r}"),
+            (_is_real(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
             (_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an int >= 0 (0 = off), got {self.top_k}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (_is_real(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}"),
             (_is_int(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an int >= 1, got {self.max_tokens}"),
             (_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop must hold non-empty strings, got {self.stop}"),
             (all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
              f"stop_token_ids must hold ints >= 0, got {self.stop_token_ids}"),
-            (self.seed is None or _is_int(self.seed), f"seed must be an int or None, got {self.seed!r}"),
+            (isinstance(self.ignore_eos, bool), f"ignore_eos must be True or False, got {self.ignore_eos!r}"),
+            (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < _SEED_LIMIT),
+             f"seed must be None or an int in [0, 2**64), got {self.seed!r}"),
             (self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
              f"logprobs must be an int >= 0 or None, got {self.logprobs}"),
             (_is_int(self.n) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}"),
@@ -76,8 +87,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)

@@ -56,14 +56,25 @@ def architecture_of(hf_model: PreTrainedModel) -> str:
 
 
 def _load_folder(path: str | os.PathLike, dtype: torch.dtype | None) -> PreTrainedModel:
+    from safetensors import SafetensorError   # the error of a truncated or corrupt .safetensors file
+
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{str(path)!r} is not a local model folder: it has no config.json")
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:   # not JSON, or no model_type transformers knows
+        raise ValueError(f"{folder / 'config.json'} is not a model config transformers can read: {error}") from error
     arch = (config.architectures or [config.model_type])[0]
     if arch not in _MODEL_CLASSES:  # before reading any weights
         raise ValueError(_unsupported(arch) + f" (from {folder / 'config.json'})")
-    hf_model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto", output_loading_info=True)
+    try:
+        hf_model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto",
+                                                              output_loading_info=True)
+    except (SafetensorError, OSError, RuntimeError) as error:   # a cut-short download, a file of other bytes
+        files = ", ".join(sorted(f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))) or "none"
+        raise ValueError(f"{folder}: could not read the weights (files: {files}); one is truncated or corrupt, "
+                         f"or missing: {error}") from error
     # transformers fills missing weights with random values and only warns; that would generate garbage.
     if info["missing_keys"]:
         raise ValueError(f"{folder}: the checkpoint lacks weights {sorted(info['missing_keys'])}")

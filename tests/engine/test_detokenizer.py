@@ -59,3 +59,21 @@ def test_earliest_of_several_stop_strings_wins_and_stops_are_ignored_before_min_
     assert detok.text == "Once upon a "
     detok = IncrementalDetokenizer(tok, tok.encode(PROMPT), ["Once"])
     assert not any(detok.append(t, check_stop=False) for t in ids[:3])
+
+
+def test_a_stop_string_that_never_matches_leaves_a_trailing_partial_character():
+    # max_tokens can end a request inside a multi-byte character; decoding at once gives its U+FFFD, and so must
+    # the incremental path that a stop string switches on (it used to drop the waiting bytes)
+    tok = tiny_tokenizer()
+    prompt_ids, ids = tok.encode(PROMPT), tok.encode("café 日本")[:-2]
+    detok = IncrementalDetokenizer(tok, prompt_ids, ["never there"])
+    assert feed(detok, ids) is None
+    assert detok.flush() == decode_completion(tok, prompt_ids, ids) == "café 日\ufffd"
+    assert detok.flush() == "café 日\ufffd"      # flushing twice adds nothing
+
+
+def test_flush_after_a_stop_string_keeps_the_cut_text():
+    tok = tiny_tokenizer()
+    detok = IncrementalDetokenizer(tok, tok.encode(PROMPT), ["upon"])
+    feed(detok, tok.encode(TEXTS[0]))
+    assert detok.flush() == "Once "

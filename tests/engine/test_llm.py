@@ -2,6 +2,7 @@
 batching/preemption/chunking invariance, page accounting, sampling and stopping rules, input checks."""
 import functools
 import math
+import threading
 
 import pytest
 import torch
@@ -248,3 +249,118 @@ def test_engine_arguments_are_checked():
                             (dict(max_model_len=10_000), "max_model_len=10000 is longer")]:
         with pytest.raises(ValueError, match=message):
             LLM(model("llama"), **kwargs)
+
+
+def test_a_stop_string_that_never_matches_changes_no_text():
+    # greedy runs of this prompt end inside multi-byte characters at several lengths; the text with a stop
+    # string used to lose the trailing partial character that decoding the whole completion keeps
+    llm = make_llm()
+    prompt = tiny_tokenizer().encode("The capital of France is")
+    lengths = range(10, 22)
+    plain = llm.generate([prompt] * len(lengths), [greedy(n) for n in lengths], use_tqdm=False)
+    stopped = llm.generate([prompt] * len(lengths), [greedy(n, stop=["\x00never"]) for n in lengths], use_tqdm=False)
+    assert any(o.outputs[0].text.endswith("\ufffd") for o in plain)
+    assert [o.outputs[0].text for o in stopped] == [o.outputs[0].text for o in plain]
+
+
+def test_an_unfinished_generate_iter_leaves_nothing_for_the_next_call():
+    llm = make_llm()
+    prompts = random_prompts(2, 10, seed=8)
+    kept = llm.generate_iter(prompts, [greedy(1), greedy(8)], use_tqdm=False)
+    assert next(kept).index == 0                  # request 1 is still running, and the iterator is kept
+    outs = llm.generate(prompts[:1], greedy(3), use_tqdm=False)
+    assert [o.index for o in outs] == [0] and len(outs[0].outputs[0].token_ids) == 3
+    with pytest.raises(RuntimeError, match="left unfinished"):
+        next(kept)
+    interrupted = llm.generate_iter(prompts, [greedy(1), greedy(8)], use_tqdm=False)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in interrupted:                     # Ctrl-C in the loop body: the iterator stays open
+            raise KeyboardInterrupt
+    outs = llm.generate(prompts, greedy(2), use_tqdm=False)
+    assert [o.index for o in outs] == [0, 1]
+    assert llm.scheduler.is_finished() and llm.scheduler.block_manager.num_free_blocks == llm.num_kv_blocks
+
+
+def test_a_second_thread_is_told_that_an_llm_serves_one_call_at_a_time():
+    llm = make_llm()
+    prompts = random_prompts(2, 10, seed=9)
+    started, checked, results = threading.Event(), threading.Event(), []
+
+    def other_thread():
+        outputs = llm.generate_iter(prompts, [greedy(1), greedy(4)], use_tqdm=False)
+        results.append(next(outputs).index)
+        started.set()
+        checked.wait()
+        results.extend(o.index for o in outputs)
+
+    thread = threading.Thread(target=other_thread, name="worker")
+    thread.start()
+    started.wait()
+    try:
+        with pytest.raises(RuntimeError, match="thread 'worker'.*one call at a time"):
+            llm.generate(prompts, greedy(2), use_tqdm=False)
+    finally:
+        checked.set()
+        thread.join()
+    assert results == [0, 1]                      # the other thread's call went on untouched
+    assert [o.index for o in llm.generate(prompts, greedy(2), use_tqdm=False)] == [0, 1]
+
+
+def test_non_finite_logits_raise_naming_the_request():
+    hf_model = tiny_model("llama")
+    with torch.no_grad():
+        hf_model.model.embed_tokens.weight[42] = float("nan")    # only rows that hold token 42 go NaN
+    llm = LLM(hf_model, num_kv_blocks=64)
+    prompts = [[5, 6, 7], [5, 42, 7], [8, 9], [42]]
+    with pytest.raises(ValueError, match=r"requests 1, 3: the model produced non-finite logits"):
+        llm.generate(prompts, greedy(4), use_tqdm=False)
+    assert llm.scheduler.is_finished()
+    with pytest.raises(ValueError, match=r"request 1: .*non-finite"):
+        llm.generate(prompts[:2], SamplingParams(temperature=0.8, max_tokens=4, logprobs=2, seed=0), use_tqdm=False)
+    assert len(llm.generate([prompts[0], prompts[2]], greedy(4), use_tqdm=False)) == 2
+
+
+def test_a_temperature_too_small_to_divide_by_samples_greedily():
+    llm = make_llm()
+    prompts = random_prompts(3, 20, seed=10)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(5), use_tqdm=False)]
+    tiny = SamplingParams(temperature=1e-39, max_tokens=5, min_tokens=5, seed=1)   # logits / 1e-39 overflow
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, tiny, use_tqdm=False)] == want
+
+
+def test_settings_are_checked_by_name_and_type():
+    with pytest.raises(TypeError, match="unknown setting.*'max_num_seq'.*max_num_seqs"):
+        LLM(model("llama"), max_num_seq=4)
+    for kwargs, message in [(dict(enforce_eager="no"), "enforce_eager must be True or False"),
+                            (dict(block_size=True), "block_size"), (dict(device="tpu"), "device='tpu' is not a device"),
+                            (dict(dtype=torch.int8), "dtype=torch.int8 is not a floating-point")]:
+        with pytest.raises(ValueError, match=message):
+            LLM(model("llama"), **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_a_clear_error():
+    with pytest.raises(ValueError, match="device='cuda', but torch finds no CUDA device"):
+        LLM(model("llama"), device="cuda")
+
+
+def test_the_config_holds_every_setting_resolved():
+    llm = make_llm(block_size=8, max_num_seqs=4)
+    cfg = llm.config
+    assert (cfg.block_size, cfg.max_num_seqs, cfg.num_kv_blocks) == (8, 4, 256)
+    assert cfg.max_model_len == llm.max_model_len == model("llama").config.max_position_embeddings
+    assert cfg.device == torch.device("cpu") and cfg.dtype == torch.float32
+    assert LLM(model("llama"), max_num_seqs=3, max_model_len=100).config.num_kv_blocks == -(-3 * 100 // 16)
+
+
+def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    for size in (len(data) // 2, 8 + 40):                    # the tensors cut short; the header cut short
+        weights.write_bytes(data[:size])
+        with pytest.raises(ValueError, match="model.safetensors.*truncated or corrupt"):
+            LLM(str(path))
+    (path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
+    with pytest.raises(ValueError, match="config.json is not a model config"):
+        LLM(str(path))

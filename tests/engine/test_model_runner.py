@@ -1,9 +1,11 @@
 """The step metadata the model runner builds, and the padding it adds for CUDA-graph replay."""
+import pytest
 import torch
 from tiny_models import tiny_model
 
 from batchdecode.block_manager import BlockManager
 from batchdecode.cuda_graphs import graph_sizes
+from batchdecode.engine_config import EngineConfig
 from batchdecode.model_runner import ModelRunner
 from batchdecode.models import load_model
 from batchdecode.sampling_params import SamplingParams
@@ -22,9 +24,9 @@ def scheduled(block_size=4):
     return ScheduledBatch(seqs, [1, 5, 2])
 
 
-def runner():
+def runner(**settings):
     model, _ = load_model(tiny_model("llama"))
-    return ModelRunner(model, 4, torch.device("cpu"), torch.float32)
+    return ModelRunner(model, EngineConfig(**{"block_size": 4, "num_kv_blocks": 32, **settings}))
 
 
 def test_metadata_is_packed_row_after_row():
@@ -52,7 +54,6 @@ def test_graph_padding_rows_write_nothing_and_see_nothing():
 
 def test_padded_decode_gives_the_same_logits(twins):
     r = runner()
-    r.allocate_kv_cache(32)
     batch = scheduled()
     r.model(r.prepare_inputs(batch), r.kv_caches)    # fill the rows' K/V
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -73,3 +74,18 @@ def test_graph_sizes():
     assert graph_sizes(6) == [1, 2, 4, 6]
     assert graph_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
     assert graph_sizes(256)[-3:] == [224, 240, 256]
+
+
+def test_setup_resolves_every_setting_and_allocates_one_pool():
+    r = runner(num_kv_blocks=None, max_num_seqs=3, max_model_len=100)
+    cfg = r.config
+    assert (cfg.device, cfg.dtype, cfg.max_model_len) == (torch.device("cpu"), torch.float32, 100)
+    assert cfg.num_kv_blocks == -(-3 * 100 // 4)           # on CPU: max_num_seqs rows of max_model_len tokens
+    assert all(k.shape[0] == v.shape[0] == cfg.num_kv_blocks for k, v in r.kv_caches)
+    assert r.graphs is None                                # CPU: no CUDA graphs
+    assert runner(num_kv_blocks=None).config.max_model_len == r.model.max_position
+
+
+def test_max_model_len_beyond_what_the_model_computes_is_refused():
+    with pytest.raises(ValueError, match="max_model_len=100000 is longer than the model computes exactly"):
+        runner(max_model_len=100_000)

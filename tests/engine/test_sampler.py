@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from batchdecode.sampler import SamplingTensors, sample, seed_keys
+from batchdecode.sampling_params import SamplingParams
+from batchdecode.sequence import Sequence
 
 
 def tensors(n, temperature=1.0, top_k=None, top_p=None, min_p=None, seeds=None, steps=None, vocab=8, **kw):
@@ -118,3 +120,34 @@ def test_logprobs_are_the_raw_log_softmax():
     top, top_ids = expected.topk(4, dim=-1)
     assert torch.equal(out.top_token_ids, top_ids) and torch.allclose(out.top_logprobs, top)
     assert (out.token_ids[:, None] == top_ids[:, :3]).any(1).all()   # top_k=3 applied to the draw
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_rows_with_non_finite_logits_get_token_id_minus_one(greedy):
+    logits = torch.randn(5, 30)
+    logits[1, 7] = float("nan")
+    logits[2, 3] = float("inf")
+    logits[3] = float("-inf")
+    t = tensors(5, temperature=0 if greedy else 0.8, top_k=5, max_logprobs=2)
+    out = sample(logits, t)
+    assert out.token_ids[[1, 2, 3]].tolist() == [-1, -1, -1]
+    assert (out.token_ids[[0, 4]] >= 0).all()
+
+
+def seq(temperature=1.0, seed=None, min_tokens=0, generated=0, **kw):
+    params = SamplingParams(temperature=temperature, seed=seed, min_tokens=min_tokens, max_tokens=8, **kw)
+    s = Sequence(0, None, [1, 2, 3], params, frozenset({9}), None)
+    s.token_ids += [4] * generated
+    return s
+
+
+def test_sampling_tensors_come_from_the_rows_params():
+    seqs = [seq(0.0), seq(0.7, seed=5, top_k=3), seq(1e-39, seed=6), seq(1.0, min_tokens=2, top_p=0.5, generated=1)]
+    t = SamplingTensors.from_seqs(seqs, vocab_size=50, device=torch.device("cpu"))
+    assert not t.all_greedy
+    assert t.temperatures.tolist() == pytest.approx([0.0, 0.7, 0.0, 1.0])   # 1e-39 is greedy: 0
+    assert t.top_ks.tolist() == [50, 3, 50, 50] and t.top_ps.tolist() == [1.0, 1.0, 1.0, 0.5] and t.min_ps is None
+    assert t.seeded_rows.tolist() == [1] and t.seeded_keys.tolist() == [list(seed_keys(5, 0))]
+    assert t.banned_rows.tolist() == [3] and t.banned_tokens.tolist() == [9]  # EOS before min_tokens
+    greedy_only = SamplingTensors.from_seqs([seq(0.0), seq(1e-39)], vocab_size=50, device=torch.device("cpu"))
+    assert greedy_only.all_greedy and greedy_only.temperatures is None
