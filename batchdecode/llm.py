@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import operator
 from collections.abc import Iterator
 import os
@@ -60,6 +61,9 @@ class LLM:
                                                 self.config.enable_prefix_caching),
                                    self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self._calls = _OneCallAtATime(self.scheduler)
+        # a caller's model instance may have its weights changed in place between calls (training, RL rollouts),
+        # which would make K/V cached by an earlier call stale: such an LLM shares prefixes within a call only
+        self._weights_may_change = isinstance(model, PreTrainedModel)
 
     @property
     def max_model_len(self) -> int:
@@ -68,6 +72,11 @@ class LLM:
     @property
     def num_kv_blocks(self) -> int:
         return self.config.num_kv_blocks
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the K/V cached by earlier calls (vLLM's name): call it after changing the model's weights.
+        An LLM built from a model instance does this at every call by itself."""
+        self.scheduler.block_manager.reset_prefix_cache()
 
     @property
     def stats(self) -> EngineStats:
@@ -91,6 +100,8 @@ class LLM:
         """
         seqs = self._make_sequences(prompts, sampling_params)
         call = self._calls.begin()
+        if self._weights_may_change:
+            self.reset_prefix_cache()
         self.scheduler.stats = EngineStats()
         self.scheduler.add_all(seqs)
         completions: dict[int, list[Sequence]] = {}   # finished completions of each request still running
@@ -184,6 +195,19 @@ class LLM:
         if seq.stopped_by_token:   # EOS / stop tokens end the request without entering its text
             completion = completion[:-1]
         return decode_completion(self.tokenizer, seq.token_ids[:seq.num_prompt_tokens], completion)
+
+
+def _signature_with_settings(init) -> inspect.Signature:
+    """LLM.__init__'s signature with EngineConfig's fields as keywords, so help(LLM), IDEs and inspect list the
+    settings and their defaults while the defaults are written only in EngineConfig."""
+    signature = inspect.signature(init)
+    own = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    settings = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+                for f in dataclasses.fields(EngineConfig)]
+    return signature.replace(parameters=own + settings)
+
+
+LLM.__init__.__signature__ = _signature_with_settings(LLM.__init__)
 
 
 def _whole_requests(finished: list[Sequence], completions: dict[int, list[Sequence]]) -> list[list[Sequence]]:

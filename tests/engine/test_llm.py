@@ -1,6 +1,8 @@
 """LLM.generate end to end on tiny random models (kernels' torch twins): parity with transformers' generate,
 batching/preemption/chunking invariance, page accounting, sampling and stopping rules, input checks."""
+import dataclasses
 import functools
+import inspect
 import math
 import threading
 
@@ -8,6 +10,7 @@ import pytest
 import torch
 from tiny_models import ARCHITECTURES, save_tiny_checkpoint, tiny_model, tiny_tokenizer
 
+from batchdecode.engine_config import EngineConfig
 from batchdecode.llm import LLM
 from batchdecode.sampling_params import SamplingParams
 
@@ -326,6 +329,13 @@ def test_a_temperature_too_small_to_divide_by_samples_greedily():
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(5), use_tqdm=False)]
     tiny = SamplingParams(temperature=1e-39, max_tokens=5, min_tokens=5, seed=1)   # logits / 1e-39 overflow
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, tiny, use_tqdm=False)] == want
+
+
+def test_settings_are_engine_configs_fields_with_its_defaults():
+    keywords = inspect.signature(LLM).parameters
+    for field in dataclasses.fields(EngineConfig):
+        assert keywords[field.name].default == field.default and keywords[field.name].kind == inspect.Parameter.KEYWORD_ONLY
+    assert list(keywords)[:2] == ["model", "tokenizer"]
 
 
 def test_settings_are_checked_by_name_and_type():
