@@ -24,7 +24,11 @@ def tokenize_all(requests: list[PromptLine], max_tokens: list[int], tokenizer, f
                  max_model_len: int | None) -> list[list[int]]:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 — a broken config.json (bad JSON, unknown model_type) is the user's folder
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise InputError(f"{folder}: could not read config.json ({type(e).__name__}: {reason})") from None
     limit = _context_limit(config, max_model_len)
     vocab_size = config.vocab_size
     token_ids = []

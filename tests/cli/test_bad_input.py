@@ -158,3 +158,11 @@ def test_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert run(tmp_path / "empty", tmp_path, ".txt", "Hello\n") == 1
     assert_one_line_error(capsys, ["config.json"])
+
+
+@pytest.mark.parametrize("config", ["{not json", '{"model_type": "no-such-model"}'])
+def test_broken_config_is_one_line(checkpoint, tmp_path, capsys, config):
+    broken = shutil.copytree(checkpoint, tmp_path / "broken")
+    (broken / "config.json").write_text(config)
+    assert run(broken, tmp_path, ".txt", "Hello\n") == 1
+    assert_one_line_error(capsys, ["config.json"])
