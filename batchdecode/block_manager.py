@@ -80,6 +80,12 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_tokens = 0
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached page, e.g. after the model's weights changed; no page may be in use."""
+        assert self.num_used_blocks == 0, "reset_prefix_cache while rows hold pages"
+        if self.cache is not None:
+            self.cache = PrefixCache(self.num_blocks, self.block_size)
+
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:
             del self.free[block]

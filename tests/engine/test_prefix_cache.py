@@ -235,3 +235,35 @@ def test_stats_count_prompt_tokens_given_and_computed():
     assert stats.prefix_cache_hit_rate == pytest.approx(108 / given)
     _, off = run(torch.float32, False, prompts, SamplingParams(temperature=0, max_tokens=2))
     assert off.num_computed_prompt_tokens == given and off.prefix_cache_hit_rate == 0
+
+
+@pytest.mark.usefixtures("twins")
+def test_a_checkpoint_llm_keeps_its_cache_across_calls(tmp_path):
+    from tiny_models import save_tiny_checkpoint
+
+    llm = LLM(str(save_tiny_checkpoint("llama", tmp_path / "ckpt")), block_size=BS, num_kv_blocks=64)
+    prompt = shared_prefix_prompts(1)[0]
+    first = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0]
+    assert llm.stats.num_computed_prompt_tokens == len(prompt)
+    again = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0]
+    assert llm.stats.num_computed_prompt_tokens == len(prompt) - (len(prompt) - 1) // BS * BS
+    assert again.token_ids == first.token_ids
+    llm.reset_prefix_cache()
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert llm.stats.num_computed_prompt_tokens == len(prompt)
+
+
+@pytest.mark.usefixtures("twins")
+def test_a_model_instance_changed_in_place_between_calls_is_never_served_stale_pages():
+    hf_model = tiny_model("llama", seed=3)
+    llm = LLM(hf_model, block_size=BS, num_kv_blocks=64)
+    prompt = shared_prefix_prompts(1)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1)
+    llm.generate([prompt], params, use_tqdm=False)
+    with torch.no_grad():                             # a training step, as between RL rollouts
+        for p in hf_model.model.layers[0].parameters():
+            p.mul_(1.5)
+    after = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert llm.stats.num_computed_prompt_tokens == len(prompt)
+    fresh = LLM(hf_model, block_size=BS, num_kv_blocks=64).generate([prompt], params, use_tqdm=False)[0]
+    assert completions([after]) == completions([fresh])
