@@ -21,6 +21,7 @@ Parts (default: hf, plus prefix on CPU, plus peer when --peer-python is given; t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import inspect
 import json
@@ -122,9 +123,19 @@ def prepare_for_fixed_length(model) -> None:
 # ---- the contenders
 
 def accepts_prefix_caching() -> bool:
-    """Whether batchdecode's LLM has prefix caching (issue 12) to switch."""
+    """Whether batchdecode's LLM has prefix caching (issue 12) to switch: a keyword of LLM(), or a field of the
+    EngineConfig its **engine_settings fill."""
     from batchdecode import LLM
-    return "enable_prefix_caching" in inspect.signature(LLM.__init__).parameters
+    params = inspect.signature(LLM.__init__).parameters
+    if "enable_prefix_caching" in params:
+        return True
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return False
+    try:
+        from batchdecode.engine_config import EngineConfig
+        return "enable_prefix_caching" in {f.name for f in dataclasses.fields(EngineConfig)}
+    except (ImportError, TypeError):
+        return False
 
 
 def no_prefix_cache() -> dict:
@@ -445,8 +456,17 @@ def _stats(llm) -> dict | str | None:
         return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool))}
     fields = getattr(stats, "__dataclass_fields__", None) or getattr(stats, "__slots__", None)
     if fields:
-        return {k: getattr(stats, k) for k in fields if isinstance(getattr(stats, k, None), (int, float, str, bool))}
+        names = [*fields, "prefix_cache_hit_rate"]
+        return {k: getattr(stats, k) for k in names if isinstance(getattr(stats, k, None), (int, float, str, bool))}
     return str(stats)[:300]
+
+
+def _stats_cell(stats) -> str | None:
+    if isinstance(stats, dict) and "num_computed_prompt_tokens" in stats:
+        hit = stats.get("prefix_cache_hit_rate")
+        return (f"{stats['num_computed_prompt_tokens']} of {stats.get('num_prompt_tokens')} computed"
+                + (f", hit rate {100 * hit:.1f}%" if hit is not None else ""))
+    return str(stats) if stats else None
 
 
 def prefix_part(model, model_name: str, device: Device, quick: bool, deadline: Deadline) -> tuple[str, dict]:
@@ -482,7 +502,7 @@ def prefix_part(model, model_name: str, device: Device, quick: bool, deadline: D
         same = None if off is None or r is off else f"{sum(a == b for a, b in zip(r['outputs'], off['outputs']))}" \
                                                      f"/{len(off['outputs'])}"
         table.append([r["caching"], r["seconds"], r["tokens_per_s"], r["prompt_tokens"], r["prefill_computed"],
-                      r["prefill_computed"] / once, same, str(r["stats_after"]) if r["stats_after"] else None])
+                      r["prefill_computed"] / once, same, _stats_cell(r["stats_after"])])
     if not has_switch:
         notes.append("batchdecode's LLM has no enable_prefix_caching yet: only the uncached run")
     speedup = on["tokens_per_s"] / off["tokens_per_s"] if on and off else None
