@@ -88,6 +88,8 @@ def _parse_jsonl_line(line: str, number: int) -> PromptLine:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise InputError(f"line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:   # json's parser recurses once per nesting level
+        raise InputError(f"line {number}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise InputError(f"line {number}: expected a JSON object, got {type(obj).__name__}")
     for key, value in obj.items():

@@ -15,6 +15,7 @@ GOOD = json.dumps({"prompt": "Hello"})
 STRUCTURE_CASES = {
     "not json": (".jsonl", GOOD + "\n{\"prompt\": \"Hi\"\n", ["line 2", "not valid JSON"]),
     "not an object": (".jsonl", GOOD + "\n[1, 2]\n", ["line 2", "JSON object"]),
+    "nested too deeply": (".jsonl", GOOD + "\n" + "[" * 100_000 + "]" * 100_000, ["line 2", "nested"]),
     "unknown field": (".jsonl", GOOD + "\n" + json.dumps({"prompt": "a", "temprature": 0.5}), ["line 2", "'temprature'"]),
     "no prompt": (".jsonl", json.dumps({"id": 1, "max_tokens": 3}), ["line 1", "exactly one of"]),
     "two prompts": (".jsonl", json.dumps({"prompt": "a", "prompt_token_ids": [1]}), ["line 1", "exactly one of"]),
