@@ -293,12 +293,12 @@ def test_a_second_thread_is_told_that_an_llm_serves_one_call_at_a_time():
         outputs = llm.generate_iter(prompts, [greedy(1), greedy(4)], use_tqdm=False)
         results.append(next(outputs).index)
         started.set()
-        checked.wait()
+        checked.wait(timeout=120)   # a safety net only: the main thread sets it
         results.extend(o.index for o in outputs)
 
     thread = threading.Thread(target=other_thread, name="worker")
     thread.start()
-    started.wait()
+    assert started.wait(timeout=120)
     try:
         with pytest.raises(RuntimeError, match="thread 'worker'.*one call at a time"):
             llm.generate(prompts, greedy(2), use_tqdm=False)
