@@ -19,14 +19,14 @@ def page_hash(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
 
 
-def page_hashes(seq: Sequence, block_size: int, num_pages: int) -> list[bytes]:
-    """The hashes of seq's first num_pages full pages; memoised on seq (tokens are only ever appended)."""
-    assert num_pages * block_size <= len(seq)
+def seq_page_hash(seq: Sequence, block_size: int, i: int) -> bytes:
+    """The hash of seq's full page i; memoised on seq (its tokens are only ever appended)."""
+    assert (i + 1) * block_size <= len(seq)
     hashes = seq.block_hashes
-    for i in range(len(hashes), num_pages):
-        parent = hashes[i - 1] if i else _ROOT
-        hashes.append(page_hash(parent, seq.token_ids[i * block_size:(i + 1) * block_size]))
-    return hashes[:num_pages]
+    for j in range(len(hashes), i + 1):
+        parent = hashes[j - 1] if j else _ROOT
+        hashes.append(page_hash(parent, seq.token_ids[j * block_size:(j + 1) * block_size]))
+    return hashes[i]
 
 
 class PrefixCache:
@@ -42,8 +42,8 @@ class PrefixCache:
         The prefix leaves at least seq's last token to compute, so that the step that reaches it samples.
         """
         blocks = []
-        for h in page_hashes(seq, self.block_size, (len(seq) - 1) // self.block_size):
-            block = self.block_of.get(h)
+        for i in range((len(seq) - 1) // self.block_size):
+            block = self.block_of.get(seq_page_hash(seq, self.block_size, i))
             if block is None or block in self.computing:
                 return blocks, block is not None
             blocks.append(block)
@@ -53,7 +53,7 @@ class PrefixCache:
         """Name seq's new pages from first_page on that its known tokens fill; their K/V are still to be computed."""
         num_full = min(len(seq.block_table), len(seq) // self.block_size)
         for i in range(first_page, num_full):
-            if self._name(seq.block_table[i], page_hashes(seq, self.block_size, i + 1)[i]):
+            if self._name(seq.block_table[i], seq_page_hash(seq, self.block_size, i)):
                 self.computing.add(seq.block_table[i])
 
     def commit(self, seq: Sequence, num_computed_before: int) -> None:
@@ -64,7 +64,7 @@ class PrefixCache:
             if block in self.computing:
                 self.computing.remove(block)
             elif self.hash_of[block] is None:   # a page of generated tokens: its hash is known only now
-                self._name(block, page_hashes(seq, self.block_size, i + 1)[i])
+                self._name(block, seq_page_hash(seq, self.block_size, i))
 
     def forget(self, block: int) -> None:
         """block is reused for other tokens, or its K/V were never finished (its row was preempted first)."""

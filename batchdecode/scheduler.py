@@ -95,23 +95,33 @@ class Scheduler:
         return ScheduledBatch([seq for seq, _ in rows], [n for _, n in rows])
 
     def _admit(self, rows: list[tuple[Sequence, int]], budget: int) -> None:
+        """Start waiting rows while they fit. One whose next prefix page another row is computing right now waits
+        a step, to take that page from the cache; the rows behind it go ahead."""
         deferred = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and len(deferred) < self.max_num_seqs):   # bounded work per step when many wait on one prefix
             seq = self.waiting.popleft()
             prefix, wait = self.block_manager.cached_prefix(seq)
             if wait:
                 deferred.append(seq)
                 continue
-            num_cached = len(prefix) * self.block_manager.block_size
-            num_new = min(len(seq) - num_cached, budget)
-            if not self.block_manager.can_allocate(seq, num_cached + num_new, prefix):
+            num_new = self._start(seq, prefix, budget)
+            if num_new is None:
                 self.waiting.appendleft(seq)
                 break
-            self.block_manager.allocate(seq, num_cached + num_new, prefix)
-            self.running.append(seq)
             rows.append((seq, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(deferred))
+
+    def _start(self, seq: Sequence, prefix: list[int], budget: int) -> int | None:
+        """Give seq its cached prefix pages and pages for its first chunk; the chunk's size, or None if it does not fit."""
+        num_cached = len(prefix) * self.block_manager.block_size
+        num_new = min(len(seq) - num_cached, budget)
+        if not self.block_manager.can_allocate(seq, num_cached + num_new, prefix):
+            return None
+        self.block_manager.allocate(seq, num_cached + num_new, prefix)
+        self.running.append(seq)
+        return num_new
 
     def _make_room(self, seq: Sequence, num_new: int) -> list[Sequence]:
         """Give seq pages for num_new more tokens, preempting the newest rows first if needed; returns the rows
