@@ -15,4 +15,3 @@ class ForwardBatch:
     cu_q_lens: Tensor        # [S + 1] int32, row s owns tokens cu_q_lens[s]:cu_q_lens[s + 1]
     kv_lens: Tensor          # [S] int32, slots row s uses after this step's tokens are written
     logits_indices: Tensor   # [N] int64, the token indices whose logits are wanted (each sampled row's last token)
-    kv_start: Tensor | None = None  # [S] int32, first valid slot of each row (left padding inside the cache); None = 0

@@ -20,9 +20,9 @@ try:
 except ImportError:  # no triton on this platform (it ships for Linux only): the twins serve every call
     HAVE_TRITON = False
 if HAVE_TRITON:  # outside the try, so that a broken kernel module fails loudly instead of falling back
-    from . import triton_activation, triton_attention, triton_rms_norm, triton_rope_kv
+    from . import triton_activation, triton_attention, triton_matmul, triton_rms_norm, triton_rope_kv
 
-__all__ = ["paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul", "reference",
+__all__ = ["linear", "paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul", "reference",
            "backend", "use_triton"]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -50,6 +50,27 @@ def use_triton(x: Tensor) -> bool:
     if _backend == "torch":
         return False
     return HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N], each row's bits independent of M and of the other rows.
+
+    Any 2-D weight layout works: nn.Linear's [N, K], or GPT-2's Conv1D [K, N] passed as `conv.weight.t()`.
+    """
+    _check_linear(x, weight, bias)
+    impl = triton_matmul.linear if use_triton(x) else reference.linear
+    return impl(x, weight, bias)
+
+
+def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear: x must be [M, K] and weight [N, K]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if any(t.dtype != x.dtype for t in tensors) or any(t.device != x.device for t in tensors):
+        raise ValueError("linear: x, weight and bias must share one dtype and device; got "
+                         + ", ".join(f"{t.dtype} on {t.device}" for t in tensors))
 
 
 def paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, *, kv_start=None, scale=None) -> Tensor:

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from batchdecode import kernels
 from batchdecode.batch import ForwardBatch
 
-from .layers import KVCache
+from .layers import KVCache, linear
 from .limits import context_limit
 
 
@@ -29,19 +29,30 @@ class GPT2Attention(nn.Module):
         num_tokens = x.shape[0]
         shape = (num_tokens, self.num_heads, self.head_dim)
         # The fused projection's q, k, v are strided views; the kernels get dense tensors.
-        q, k, v = (t.reshape(shape).contiguous() for t in self.c_attn(x).chunk(3, dim=-1))
+        q, k, v = (t.reshape(shape).contiguous() for t in linear(x, self.c_attn).chunk(3, dim=-1))
         k_cache, v_cache = kv_cache
         kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         out = kernels.paged_attention(q, k_cache, v_cache, batch.block_table, batch.cu_q_lens, batch.kv_lens,
-                                      kv_start=batch.kv_start, scale=self.scaling)
-        return self.c_proj(out.view(num_tokens, self.num_heads * self.head_dim))
+                                      scale=self.scaling)
+        return linear(out.view(num_tokens, self.num_heads * self.head_dim), self.c_proj)
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, hf_mlp: nn.Module):
+        super().__init__()
+        # the config's activation module (gelu_new: tanh and basic ops, each element alone, so row-invariant)
+        self.c_fc, self.c_proj, self.act = hf_mlp.c_fc, hf_mlp.c_proj, hf_mlp.act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(self.act(linear(x, self.c_fc)), self.c_proj)
 
 
 class GPT2Block(nn.Module):
     def __init__(self, hf_block: nn.Module):
         super().__init__()
-        self.ln_1, self.ln_2, self.mlp = hf_block.ln_1, hf_block.ln_2, hf_block.mlp
+        self.ln_1, self.ln_2 = hf_block.ln_1, hf_block.ln_2
         self.attn = GPT2Attention(hf_block.attn)
+        self.mlp = GPT2MLP(hf_block.mlp)
 
     def forward(self, hidden: Tensor, batch: ForwardBatch, kv_cache: KVCache) -> Tensor:
         hidden = self.attn(self.ln_1(hidden), batch, kv_cache) + hidden
@@ -70,4 +81,4 @@ class GPT2(nn.Module):
         hidden = self.wte(batch.input_ids) + self.wpe(batch.positions)
         for block, kv_cache in zip(self.blocks, kv_caches):
             hidden = block(hidden, batch, kv_cache)
-        return self.lm_head(self.ln_f(hidden[batch.logits_indices])).float()
+        return linear(self.ln_f(hidden[batch.logits_indices]), self.lm_head).float()

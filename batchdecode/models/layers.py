@@ -1,25 +1,22 @@
 """Small pieces the model files share."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
+
+from batchdecode import kernels
 
 KVCache = tuple[Tensor, Tensor]  # (k_cache, v_cache) of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]
 
 
-def gate_up(x: Tensor, gate_proj: nn.Linear, up_proj: nn.Linear) -> Tensor:
-    """[gate_proj(x) | up_proj(x)] for silu_and_mul, each GEMM written straight into its half.
+def linear(x: Tensor, layer: nn.Module) -> Tensor:
+    """The projection `layer(x)` on the batch-invariant kernels.linear, the HF layer's own weight used in place.
 
-    The HF weights stay separate (they are used in place, never concatenated); writing into the two halves of
-    one buffer saves the activation copy a torch.cat would cost on every prefill. Needs grad off (out=).
+    nn.Linear keeps its [out, in] weight; transformers' Conv1D (GPT-2) holds [in, out] and is passed transposed
+    (a view). Any other module (a quantised or adapter-wrapped layer) is called as it is, and whether its rows
+    depend on the batch is up to that module.
     """
-    if type(gate_proj) is not nn.Linear or type(up_proj) is not nn.Linear:  # e.g. a quantised layer: call it
-        return torch.cat((gate_proj(x), up_proj(x)), dim=-1)
-    n = gate_proj.out_features
-    out = torch.empty(x.shape[0], 2 * n, dtype=x.dtype, device=x.device)
-    for proj, half in ((gate_proj, out[:, :n]), (up_proj, out[:, n:])):
-        if proj.bias is None:
-            torch.mm(x, proj.weight.t(), out=half)
-        else:
-            torch.addmm(proj.bias, x, proj.weight.t(), out=half)
-    return out
+    if type(layer) is nn.Linear:
+        return kernels.linear(x, layer.weight, layer.bias)
+    if type(layer).__name__ == "Conv1D":
+        return kernels.linear(x, layer.weight.t(), layer.bias)
+    return layer(x)

@@ -14,7 +14,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from batchdecode import kernels
 from batchdecode.batch import ForwardBatch
 
-from .layers import KVCache, gate_up
+from .layers import KVCache, linear
 from .limits import context_limit
 from .rotary import build_cos_sin_cache, rope_max_position
 
@@ -32,17 +32,17 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: Tensor, batch: ForwardBatch, kv_cache: KVCache, cos_sin: Tensor) -> Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q = linear(x, self.q_proj).view(num_tokens, self.num_heads, self.head_dim)
+        k = linear(x, self.k_proj).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = linear(x, self.v_proj).view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q = _head_rms_norm(q, self.q_norm)
             k = _head_rms_norm(k, self.k_norm)
         k_cache, v_cache = kv_cache
         kernels.rope_and_store_kv(q, k, v, batch.positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
         out = kernels.paged_attention(q, k_cache, v_cache, batch.block_table, batch.cu_q_lens, batch.kv_lens,
-                                      kv_start=batch.kv_start, scale=self.scaling)
-        return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
+                                      scale=self.scaling)
+        return linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj)
 
 
 class LlamaMLP(nn.Module):
@@ -51,7 +51,8 @@ class LlamaMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = hf_mlp.gate_proj, hf_mlp.up_proj, hf_mlp.down_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(kernels.silu_and_mul(gate_up(x, self.gate_proj, self.up_proj)))
+        gate_up = torch.cat((linear(x, self.gate_proj), linear(x, self.up_proj)), dim=-1)
+        return linear(kernels.silu_and_mul(gate_up), self.down_proj)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -108,7 +109,7 @@ class Llama(nn.Module):
         # Only the sampled rows need the final norm and the vocabulary projection.
         rows = batch.logits_indices
         hidden, _ = _rms_norm(hidden[rows], self.norm, residual[rows])
-        return self.lm_head(hidden).float()
+        return linear(hidden, self.lm_head).float()
 
 
 def _rms_norm(x: Tensor, norm: nn.Module, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -41,7 +41,6 @@ def test_metadata_is_packed_row_after_row():
     expected_slots = [seq.block_table[p // 4] * 4 + p % 4 for seq, ps in zip(seqs, ([9], range(3, 8), [0, 1])) for p in ps]
     assert fb.slot_mapping.tolist() == expected_slots
     assert fb.logits_indices.tolist() == [0, 7]       # the chunk row (12 tokens, 8 computed) does not sample
-    assert fb.kv_start is None
 
 
 def test_graph_padding_rows_write_nothing_and_see_nothing():
@@ -89,3 +88,19 @@ def test_setup_resolves_every_setting_and_allocates_one_pool():
 def test_max_model_len_beyond_what_the_model_computes_is_refused():
     with pytest.raises(ValueError, match="max_model_len=100000 is longer than the model computes exactly"):
         runner(max_model_len=100_000)
+
+
+def test_the_profile_step_runs_a_full_step_over_one_scratch_page(twins, monkeypatch):
+    # CUDA-only at start-up; here its memory counters are stand-ins, so the dummy step itself runs on CPU
+    r = runner(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=40)
+    allocated, allocate = [], r._allocate_kv_cache
+    monkeypatch.setattr(r, "_allocate_kv_cache", lambda n: (allocated.append(n), allocate(n)))
+    steps, forward_and_sample = [], r._forward_and_sample
+    monkeypatch.setattr(r, "_forward_and_sample", lambda batch: steps.append(batch) or forward_and_sample(batch))
+    for name, value in [("synchronize", None), ("reset_peak_memory_stats", None), ("empty_cache", None),
+                        ("memory_allocated", 100), ("max_memory_allocated", 123)]:
+        monkeypatch.setattr(torch.cuda, name, lambda *args, value=value: value)
+    assert r._profile_step_bytes() == 23
+    assert allocated == [1] and r.kv_caches == []          # no pool of its own beyond the scratch page
+    (batch,) = steps
+    assert sum(batch.num_new_tokens) == 64 and len(batch.seqs) == 8 and all(batch.samples)

@@ -10,11 +10,7 @@ from batchdecode.batch import ForwardBatch
 
 
 class PagedSteps:
-    """Rows own physical pages drawn in shuffled order; every slot nobody wrote holds NaN.
-
-    A row may start its cache at slot kv_start > 0 (the engine's left padding inside the cache); its positions
-    still count from 0 at that slot.
-    """
+    """Rows own physical pages drawn in shuffled order; every slot nobody wrote holds NaN."""
 
     def __init__(self, model, *, block_size: int = 4, num_blocks: int = 48, dtype=torch.float32, seed: int = 0,
                  device: str | torch.device = "cpu"):
@@ -29,12 +25,10 @@ class PagedSteps:
         self.model = model
         self.tokens: list[list[int]] = []
         self.pages: list[list[int]] = []
-        self.kv_start: list[int] = []
 
-    def add_row(self, kv_start: int = 0) -> int:
+    def add_row(self) -> int:
         self.tokens.append([])
-        self.pages.append([self.poison_page] * (kv_start // self.block_size))
-        self.kv_start.append(kv_start)
+        self.pages.append([])
         return len(self.tokens) - 1
 
     def step(self, chunks: dict[int, list[int]], *, all_logits: bool = False) -> tuple[Tensor, list[tuple[int, int]]]:
@@ -43,11 +37,11 @@ class PagedSteps:
         return self.model(batch, self.kv_caches), wanted
 
     def batch(self, chunks: dict[int, list[int]], all_logits: bool) -> tuple[ForwardBatch, list[tuple[int, int]]]:
-        ids, positions, slots, cu, kv_lens, starts, logits_indices, wanted = [], [], [], [0], [], [], [], []
+        ids, positions, slots, cu, kv_lens, logits_indices, wanted = [], [], [], [0], [], [], []
         for row, new in chunks.items():
             past = len(self.tokens[row])
             for i, token in enumerate(new):
-                slot = self.kv_start[row] + past + i
+                slot = past + i
                 while len(self.pages[row]) <= slot // self.block_size:
                     self.pages[row].append(self.free.pop())
                 ids.append(token)
@@ -58,15 +52,14 @@ class PagedSteps:
                     wanted.append((row, past + i))
             self.tokens[row].extend(new)
             cu.append(len(ids))
-            kv_lens.append(self.kv_start[row] + len(self.tokens[row]))
-            starts.append(self.kv_start[row])
+            kv_lens.append(len(self.tokens[row]))
         width = max(len(self.pages[row]) for row in chunks) + 1
         table = [self.pages[row] + [self.poison_page] * (width - len(self.pages[row])) for row in chunks]
         i32 = functools.partial(torch.tensor, dtype=torch.int32, device=self.device)
         i64 = functools.partial(torch.tensor, dtype=torch.int64, device=self.device)
         batch = ForwardBatch(input_ids=i64(ids), positions=i64(positions), slot_mapping=i64(slots),
                              block_table=i32(table), cu_q_lens=i32(cu), kv_lens=i32(kv_lens),
-                             logits_indices=i64(logits_indices), kv_start=i32(starts))
+                             logits_indices=i64(logits_indices))
         return batch, wanted
 
 

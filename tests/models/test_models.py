@@ -55,7 +55,7 @@ def assert_steps_match_hf(hf_model, steps: PagedSteps, outputs) -> None:
 
 def run_engine_like_steps(model, gen: torch.Generator, steps: PagedSteps) -> list:
     """Packed prefill of rows of different lengths, a chunked prefill beside decodes, then pure decodes."""
-    a, b, c = steps.add_row(), steps.add_row(), steps.add_row(kv_start=6)  # c starts mid-page, page 2
+    a, b, c = steps.add_row(), steps.add_row(), steps.add_row()
     outputs = [steps.step({a: random_tokens(gen, 7), b: random_tokens(gen, 6), c: random_tokens(gen, 3)},
                           all_logits=True)]
     outputs.append(steps.step({a: random_tokens(gen, 1), b: random_tokens(gen, 9), c: random_tokens(gen, 1)},
@@ -95,7 +95,7 @@ def test_triton_kernels_in_interpreter_match_transformers(arch):
     model, _ = load_model(hf_model)
     steps = PagedSteps(model)
     gen = torch.Generator().manual_seed(3)
-    a, b = steps.add_row(), steps.add_row(kv_start=3)
+    a, b = steps.add_row(), steps.add_row()
     outputs = [steps.step({a: random_tokens(gen, 3), b: random_tokens(gen, 2)}, all_logits=True),
                steps.step({a: random_tokens(gen, 1), b: random_tokens(gen, 1)})]
     assert_steps_match_hf(hf_model, steps, outputs)
