@@ -1,13 +1,21 @@
 """Route 2: `attn_implementation="batchdecode"` for any transformers decoder.
 
-transformers keeps its own contiguous KV cache, key/value [B, KVH, kv, D], in which a left-padded row's pads
-sit at the front. We hand that cache to `paged_attention` as pages, with each row's first real slot as
-`kv_start`: the pads are skipped, never loaded or masked. Pad queries (left pads of a prefill, right pads of
-a right-padded prefill) are not sent to the kernel at all; their output is 0, which transformers discards.
+transformers keeps its own contiguous KV cache, key/value [B, KVH, kv, D]. We hand it to `paged_attention` as
+pages of one slot each, without a copy: each (row, KV head) is a sequence whose block table lists that row's
+real slots in order. Pads anywhere in a row (left padding, right padding, the hole a right-padded batch leaves
+when it goes on decoding, or no cache at all) are skipped, never loaded or masked. Pad queries are not sent to
+the kernel; their output is 0, which transformers discards.
 
-A row's real tokens must be one contiguous run in the mask. Left padding, and right padding during a single
-forward pass, are that; a right-padded batch that goes on decoding is not (its pads become a hole before the
-new tokens), and raises: `batchdecode.generate` handles right padding.
+The mask function `padding_mask` runs once per forward and gives every layer one of two masks:
+- plain causal attention, with any padding: the padding mask over the key slots [B, kv], int32, whose real
+  slots hold the first query's column + 1 (a StaticCache's queries are not its last slots);
+- any other pattern (a sliding window that cuts into the sequence, packed sequences, a model's own mask
+  function), and a custom 4-D mask passed by the caller: the dense mask [B, 1 or H, q, kv], served exactly by
+  giving each query a sequence of its own that lists the slots it sees. Its block table holds q * kv entries per
+  (row, head), so it suits decoding and short prompts better than long prefills.
+
+Everything is built with tensor ops from host-known shapes, so the attention function runs under torch.compile
+(fullgraph included) without a host sync; there the kernel is one opaque custom op.
 
 `register()` adds the attention function and its mask function to transformers under the name "batchdecode".
 """
@@ -19,6 +27,8 @@ import torch
 from torch import Tensor
 
 NAME = "batchdecode"
+MARKED = torch.int32  # the dtype of a marked padding mask (see padding_mask); raw masks are bool or int64
+MAX_BLOCKED = -1e4  # a float mask blocks a slot with a value at or below this (exp underflows to 0 in fp32)
 
 
 def register() -> None:
@@ -35,59 +45,51 @@ def register() -> None:
 
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask: Tensor | None = None, device="cpu", **kwargs) -> Tensor:
-    """Hand the attention function the 2-D padding mask [B, K], bool, aligned with the key tensor.
+    """The mask every layer gets: for plain causal attention the padding mask over the key slots, int32, each
+    real slot holding the first query's column + 1 (a marked mask); else the dense [B, 1, q_length, kv_length]
+    bool mask that sdpa would get.
 
-    K = kv_offset .. the last query's slot, so the queries are the mask's last q_length columns (the key tensor
-    may be longer, e.g. a StaticCache; slots past K are never read). No mask means no padding.
+    As in transformers' sdpa_mask, key slot j holds position kv_offset + j and the queries hold positions
+    q_offset .. q_offset + q_length - 1. Under a StaticCache q_offset is a tensor: only tensor ops touch it.
+    The marks survive generate handing the mask back in as a 2-D mask (it becomes bool: the padding again).
     """
-    _require_causal(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, kwargs, device)
-    end = int(q_offset) + q_length
-    if attention_mask is None:
-        return torch.ones(batch_size, end - kv_offset, dtype=torch.bool, device=device)
-    if attention_mask.shape[-1] < end:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but the model has seen {end}")
-    mask = attention_mask[:, kv_offset:end].bool()
-    _require_one_run_per_row(mask)
-    return mask
+    shape = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                 kv_offset=kv_offset, device=device)
+    if isinstance(q_offset, int) and attention_mask is not None and attention_mask.shape[-1] < q_offset + q_length:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but the model has seen "
+                         f"{q_offset + q_length}")
+    if not _is_plain_causal(mask_function, shape, kwargs.get("use_vmap", False)):
+        from transformers.masking_utils import sdpa_mask
+
+        return sdpa_mask(mask_function=mask_function, attention_mask=attention_mask, allow_is_causal_skip=False,
+                         use_vmap=kwargs.get("use_vmap", False), **shape)
+    positions = torch.arange(kv_length, device=device) + kv_offset
+    real = (positions < q_offset + q_length).expand(batch_size, -1)  # a StaticCache's later slots hold nothing yet
+    if attention_mask is not None:
+        real = real & _aligned(attention_mask.to(device=device, dtype=torch.bool), kv_length, kv_offset)
+    return real.to(MARKED) * (q_offset - kv_offset + 1)
 
 
-def _require_causal(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, kwargs, device) -> None:
-    """The kernel computes plain causal attention: refuse any other pattern unless it equals causal here.
+def _aligned(mask: Tensor, kv_length: int, kv_offset: int) -> Tensor:
+    """The 2-D mask's columns for key slots kv_offset .. kv_offset + kv_length, missing ones as pads."""
+    missing = kv_offset + kv_length - mask.shape[-1]
+    if missing > 0:
+        mask = torch.nn.functional.pad(mask, (0, missing))
+    return mask[:, kv_offset:kv_offset + kv_length]
 
-    A sliding window no longer than the sequence, for example, is plain causal and runs; a window that cuts
-    into it, a bidirectional or block mask, or packed sequences raise.
-    """
+
+def _is_plain_causal(mask_function, shape: dict, use_vmap: bool) -> bool:
+    """Whether the layer's mask function is causal attention here (e.g. a sliding window longer than the
+    sequence). Comparing needs a host read, so under torch.compile any other function takes the dense mask."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     if mask_function is None or mask_function is causal_mask_function:
-        return
-    shape = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                 kv_offset=kv_offset, allow_is_causal_skip=False, device=device)
-    wanted = sdpa_mask(mask_function=mask_function, use_vmap=kwargs.get("use_vmap", False), **shape)
-    causal = sdpa_mask(mask_function=causal_mask_function, **shape)
-    if not torch.equal(wanted, causal):
-        raise ValueError(
-            "attn_implementation='batchdecode' computes plain causal attention, but this layer asks for another "
-            "mask (a sliding window shorter than the sequence, bidirectional or block attention, or packed "
-            "sequences); use attn_implementation='sdpa' for this model")
-
-
-def _require_one_run_per_row(mask: Tensor) -> None:
-    start, count = _run_bounds(mask)
-    slots = torch.arange(mask.shape[1], device=mask.device)
-    inside = (slots >= start[:, None]) & (slots < (start + count)[:, None])
-    holed = (mask != inside).any(dim=1)
-    if holed.any():
-        rows = holed.nonzero().flatten().tolist()
-        raise ValueError(
-            f"attention_mask rows {rows} have padding between real tokens; attn_implementation='batchdecode' "
-            "needs each row's tokens in one contiguous run (left padding). A right-padded batch cannot go on "
-            "decoding here: use batchdecode.generate, which takes right padding")
-
-
-def _run_bounds(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """First real slot and number of real slots of each row (argmax finds the first True; 0 for an empty row)."""
-    return mask.to(torch.uint8).argmax(dim=1), mask.sum(dim=1)
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    wanted = sdpa_mask(mask_function=mask_function, allow_is_causal_skip=False, use_vmap=use_vmap, **shape)
+    causal = sdpa_mask(mask_function=causal_mask_function, allow_is_causal_skip=False, **shape)
+    return torch.equal(wanted, causal)
 
 
 # attention function: called by every attention layer
@@ -97,96 +99,151 @@ def batchdecode_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
                           attention_mask: Tensor | None, *, scaling: float | None = None, dropout: float = 0.0,
                           **kwargs) -> tuple[Tensor, None]:
     """query [B, H, q, D], key/value [B, KVH, kv, D] -> ([B, q, H, D], None), through paged_attention."""
-    from . import kernels
-
     _check_call(query, key, attention_mask, dropout, kwargs)
-    batch, num_heads, q_len, head_dim = query.shape
-    num_kv_heads = key.shape[1]
-    if attention_mask is None:  # a model that builds no mask: no padding, queries are the last slots
-        attention_mask = torch.ones(batch, key.shape[2], dtype=torch.bool, device=query.device)
-    elif attention_mask.dtype != torch.bool:  # a raw 0/1 mask from a model that skips the mask function
-        attention_mask = attention_mask.bool()
-    pages = _pages_for(attention_mask, q_len, num_kv_heads, key.shape[2])
-    q = pages.pack_queries(query)
-    out = kernels.paged_attention(q, pages.view(key), pages.view(value), pages.block_table, pages.cu_q_lens,
-                                  pages.kv_lens, kv_start=pages.kv_start, scale=scaling)
-    return pages.unpack_output(out, num_heads, head_dim), None
+    pages = _pages_for(attention_mask, query.shape, key.shape, query.device)
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    out = _attend(pages.pack_queries(query), pages.view(key), pages.view(value), pages.block_table,
+                  pages.cu_q_lens, pages.kv_lens, scale)
+    return pages.unpack_output(out, query.shape), None
 
 
-def _pages_for(mask: Tensor, q_len: int, num_kv_heads: int, kv_len: int) -> "RowPages":
-    """Every layer of a forward gets the same mask tensor: build its page layout once, kept on the tensor.
-
-    (The mask function makes a new mask tensor each forward, so the memo lives for one forward.)
-    """
-    memo = mask.__dict__.setdefault("_batchdecode_pages", {})
-    key = (mask._version, q_len, num_kv_heads, kv_len)
-    if key not in memo:
-        memo.clear()
-        memo[key] = RowPages.build(mask, q_len, num_kv_heads, kv_len)
-    return memo[key]
-
-
-def _check_call(query: Tensor, key: Tensor, attention_mask, dropout: float, kwargs: dict) -> None:
+def _check_call(query: Tensor, key: Tensor, attention_mask: Tensor | None, dropout: float, kwargs: dict) -> None:
+    """Refusals from host-known shapes only (they cost nothing under torch.compile)."""
     if dropout:
         raise ValueError("attn_implementation='batchdecode' is for inference: put the model in eval() mode")
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise ValueError("attn_implementation='batchdecode' has no logit soft-capping or attention sinks")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(f"attn_implementation='batchdecode' takes a 2-D padding mask, got {attention_mask.dim()}-D"
-                         " (a custom 4-D mask cannot be honoured)")
-    if attention_mask is not None and attention_mask.shape[1] > key.shape[2]:
+    batch, num_heads, q_len, _ = query.shape
+    if num_heads % key.shape[1]:
+        raise ValueError(f"{num_heads} query heads do not group over {key.shape[1]} KV heads")
+    if attention_mask is None:
+        return
+    if attention_mask.dim() == 2 and attention_mask.shape[1] > key.shape[2]:
         raise ValueError(f"padding mask covers {attention_mask.shape[1]} slots, key holds {key.shape[2]}")
-    if query.shape[1] % key.shape[1]:
-        raise ValueError(f"{query.shape[1]} query heads do not group over {key.shape[1]} KV heads")
+    if attention_mask.dim() == 4:
+        if attention_mask.shape[0] != batch or attention_mask.shape[1] not in (1, num_heads) \
+                or attention_mask.shape[2] != q_len:
+            raise ValueError(f"a 4-D attention mask must be [{batch}, 1 or {num_heads}, {q_len}, kv]; got "
+                             f"{list(attention_mask.shape)}")
+        if attention_mask.is_floating_point() and not torch.compiler.is_compiling():
+            _require_no_bias(attention_mask)
+    elif attention_mask.dim() != 2:
+        raise ValueError(f"attn_implementation='batchdecode' takes a 2-D padding mask or a 4-D mask, got a "
+                         f"{attention_mask.dim()}-D one")
+
+
+def _require_no_bias(mask: Tensor) -> None:
+    """A float 4-D mask may only allow (0) or block (a large negative) a slot: the kernel adds no bias."""
+    if not ((mask == 0) | (mask <= MAX_BLOCKED)).all():
+        raise ValueError("attn_implementation='batchdecode' takes a float 4-D mask of 0 (attend) and large "
+                         f"negatives (<= {MAX_BLOCKED:g}, block) only; other values are a bias it cannot add")
+
+
+def _pages_for(mask: Tensor | None, query_shape: torch.Size, key_shape: torch.Size,
+               device: torch.device) -> "RowPages | QueryPages":
+    """Every layer of a forward gets the same mask: in eager mode its page layout is built once, kept on it.
+
+    Under torch.compile nothing is kept on a tensor: the graph computes the layout (cheap tensor ops). A memo
+    is keyed on the mask's version, so an in-place change is seen; inference tensors have no version, so only
+    marked masks, which `padding_mask` makes anew for each forward, are memoised there.
+    """
+    if mask is None:  # no padding
+        mask = torch.ones(key_shape[0], key_shape[2], dtype=torch.bool, device=device)
+    if torch.compiler.is_compiling() or (mask.is_inference() and mask.dtype != MARKED):
+        return _build_pages(mask, query_shape, key_shape)
+    memo = mask.__dict__.setdefault("_batchdecode_pages", {})
+    key = (None if mask.is_inference() else mask._version, tuple(query_shape), tuple(key_shape))
+    if key not in memo:
+        memo.clear()
+        memo[key] = _build_pages(mask, query_shape, key_shape)
+    return memo[key]
+
+
+def _build_pages(mask: Tensor, query_shape: torch.Size, key_shape: torch.Size) -> "RowPages | QueryPages":
+    if mask.dim() == 4:
+        return QueryPages.build(mask, query_shape, key_shape)
+    q_len = query_shape[2]
+    if mask.dtype == MARKED:  # every real slot holds the first query's column + 1; a row without any has no query
+        first_query = (mask.amax(dim=1) - 1).clamp(min=0)
+    else:  # a raw padding mask from a model that skips our mask function: the queries are its last columns
+        first_query = torch.full((mask.shape[0],), mask.shape[1] - q_len, device=mask.device)
+    return RowPages.build(mask != 0, first_query, query_shape, key_shape)
+
+
+# the kernel, opaque to torch.compile (the torch twin reads lengths on the host; the Triton launch is not traceable)
+
+
+@torch.library.custom_op("batchdecode::paged_attention", mutates_args=())
+def _paged_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cu_q_lens: Tensor,
+                        kv_lens: Tensor, scale: float) -> Tensor:
+    from . import kernels
+
+    return kernels.paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale=scale)
+
+
+@_paged_attention_op.register_fake
+def _(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale):
+    return torch.empty_like(q)
+
+
+def _attend(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale: float) -> Tensor:
+    """The custom op under torch.compile; in eager mode the plain call (a custom op's dispatch costs time)."""
+    if torch.compiler.is_compiling():
+        return _paged_attention_op(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale)
+    from . import kernels
+
+    return kernels.paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale=scale)
+
+
+def _view_as_pages(cache: Tensor) -> Tensor:
+    """[B, KVH, kv, D] -> [B * KVH * kv, 1, 1, D]: one-slot pages (a view when the cache is contiguous, as HF's
+    is). The kernel gathers every token through the block table whatever the page size, so this costs nothing."""
+    return cache.reshape(-1, 1, 1, cache.shape[-1])
 
 
 @dataclass(slots=True)
 class RowPages:
-    """transformers' padded cache seen as pages, without a copy.
+    """A padding mask's layout: sequence s = b * KVH + h is row b's real slots in KV head h, listed in order.
 
-    key [B, KVH, kv, D] is contiguous, so key.reshape(B * KVH * kv / page, page, 1, D) is a view: each
-    (row, KV head) is a sequence of its own, with one KV head and the GQA group of query heads that share it,
-    whose pages are consecutive. The page size is the largest power of two (<= 256) dividing kv, as the kernel
-    needs; it changes nothing in the arithmetic (tokens are gathered per slot either way).
-
-    Real queries are packed first, in sequence order. Pad queries go to one extra sequence with no KV slot,
-    for which the kernel reads nothing and outputs zeros; all shapes are known without a host sync.
+    Its queries are the row's real queries, which are its last real slots (no real slot follows a query), so
+    the kernel's rule "query j of n sits at slot kv_len - n + j" holds. Real queries are packed first, in
+    sequence order; pad queries go to one extra sequence with no KV slot, for which the kernel reads nothing and
+    outputs zeros. All shapes are known without a host sync.
     """
 
-    block_table: Tensor  # [S + 1, pages per row] int32, S = B * KVH; the last row is the pad sequence's
+    block_table: Tensor  # [S + 1, K] int32, S = B * KVH: slot indices into the one-slot pages; last row: pads
     cu_q_lens: Tensor  # [S + 2] int32
-    kv_lens: Tensor  # [S + 1] int32: one past each row's last real slot; 0 for the pad sequence
-    kv_start: Tensor  # [S + 1] int32: each row's first real slot
+    kv_lens: Tensor  # [S + 1] int32: real slots of each sequence; 0 for the pad sequence
     order: Tensor  # [S * q] int64: token order with each sequence's real queries first, pad queries last
     real: Tensor  # [S * q] bool: whether token (s, j) is a real query
     num_kv_heads: int
-    page_size: int
 
     @classmethod
-    def build(cls, mask: Tensor, q_len: int, num_kv_heads: int, kv_len: int) -> "RowPages":
-        device = mask.device
-        start, count = _run_bounds(mask)
-        # Query j of a row sits at slot K - q_len + j; it is real iff the mask says so.
-        real = mask[:, mask.shape[1] - q_len:].repeat_interleave(num_kv_heads, dim=0)  # [S, q]
-        num_seqs = real.shape[0]
+    def build(cls, real_slot: Tensor, first_query: Tensor, query_shape: torch.Size,
+              key_shape: torch.Size) -> "RowPages":
+        """real_slot [B, K] bool; first_query [B]: the column of each row's first query (the queries are one run)."""
+        batch, num_kv_heads, kv_len = key_shape[0], key_shape[1], key_shape[2]
+        q_len, device = query_shape[2], real_slot.device
+        query_cols = (first_query[:, None] + torch.arange(q_len, device=device)).clamp(max=real_slot.shape[1] - 1)
+        real = real_slot.gather(1, query_cols).repeat_interleave(num_kv_heads, dim=0)  # [S, q]
+        num_seqs = batch * num_kv_heads
         q_counts = torch.cat([real.sum(dim=1), (~real).sum().view(1)])
         cu_q_lens = torch.zeros(num_seqs + 2, dtype=torch.int32, device=device)
         cu_q_lens[1:] = q_counts.cumsum(0)
-        pad_seq = torch.zeros(1, dtype=torch.int32, device=device)
-        per_seq = lambda t: torch.cat([t.to(torch.int32).repeat_interleave(num_kv_heads), pad_seq])  # noqa: E731
-        page_size = min(kv_len & -kv_len, 256)
-        pages_per_seq = kv_len // page_size
-        block_table = torch.arange(num_seqs * pages_per_seq, dtype=torch.int32, device=device)
-        block_table = torch.cat([block_table.view(num_seqs, pages_per_seq),
-                                 torch.zeros(1, pages_per_seq, dtype=torch.int32, device=device)])
+        slots = torch.argsort((~real_slot).to(torch.uint8), dim=1, stable=True)  # real slots first, in order
+        first_slot = torch.arange(num_seqs, device=device)[:, None] * kv_len
+        block_table = torch.cat([first_slot + slots.repeat_interleave(num_kv_heads, dim=0),
+                                 torch.zeros_like(slots[:1])]).to(torch.int32)
+        kv_lens = torch.cat([real_slot.sum(dim=1).repeat_interleave(num_kv_heads),
+                             torch.zeros(1, dtype=torch.long, device=device)])
         real = real.flatten()
-        return cls(block_table=block_table, cu_q_lens=cu_q_lens, kv_lens=per_seq(start + count),
-                   kv_start=per_seq(start), order=torch.argsort((~real).to(torch.uint8), stable=True), real=real,
-                   num_kv_heads=num_kv_heads, page_size=page_size)
+        return cls(block_table=block_table, cu_q_lens=cu_q_lens, kv_lens=kv_lens.to(torch.int32),
+                   order=torch.argsort((~real).to(torch.uint8), stable=True), real=real,
+                   num_kv_heads=num_kv_heads)
 
-    def view(self, cache: Tensor) -> Tensor:
-        """[B, KVH, kv, D] -> [B * KVH * kv / page, page, 1, D] (a view when the cache is contiguous, as HF's is)."""
-        return cache.reshape(-1, self.page_size, 1, cache.shape[-1])
+    @staticmethod
+    def view(cache: Tensor) -> Tensor:
+        return _view_as_pages(cache)
 
     def pack_queries(self, query: Tensor) -> Tensor:
         """[B, H, q, D] -> [S * q, group, D], real queries first."""
@@ -195,12 +252,61 @@ class RowPages:
         tokens = query.reshape(batch, self.num_kv_heads, group, q_len, head_dim).transpose(2, 3)
         return tokens.reshape(-1, group, head_dim)[self.order]
 
-    def unpack_output(self, out: Tensor, num_heads: int, head_dim: int) -> Tensor:
+    def unpack_output(self, out: Tensor, query_shape: torch.Size) -> Tensor:
         """[S * q, group, D] packed -> [B, q, H, D]; pad queries get 0."""
+        batch, num_heads, q_len, head_dim = query_shape
         tokens = torch.empty_like(out)
         tokens[self.order] = out
         tokens = tokens.masked_fill(~self.real[:, None, None], 0)  # already 0 from the kernel; NaN-proof anyway
-        num_seqs = self.kv_lens.shape[0] - 1
-        batch, q_len = num_seqs // self.num_kv_heads, tokens.shape[0] // num_seqs
         tokens = tokens.view(batch, self.num_kv_heads, q_len, -1, head_dim).transpose(1, 2)
         return tokens.reshape(batch, q_len, num_heads, head_dim)
+
+
+@dataclass(slots=True)
+class QueryPages:
+    """A dense mask's layout: every query is a sequence of its own whose block table lists the slots it sees.
+
+    With one query, the kernel's causal rule lets it see every listed slot, so any pattern is served exactly.
+    A mask shared by all heads [B, 1, q, kv] gives one sequence per (row, KV head, query), with the GQA group of
+    query heads; a per-head mask [B, H, q, kv] gives one per (row, query head, query), a group of one.
+    """
+
+    block_table: Tensor  # [S, kv] int32, S = B * heads * q
+    cu_q_lens: Tensor  # [S + 1] int32: one query each
+    kv_lens: Tensor  # [S] int32: slots each query sees (0: it sees none and outputs 0)
+    seq_heads: int  # KVH for a shared mask, H for a per-head one
+
+    @classmethod
+    def build(cls, mask: Tensor, query_shape: torch.Size, key_shape: torch.Size) -> "QueryPages":
+        batch, num_kv_heads, kv_len = key_shape[0], key_shape[1], key_shape[2]
+        num_heads, q_len, device = query_shape[1], query_shape[2], mask.device
+        visible = (mask if mask.dtype == torch.bool else mask == 0)[..., :kv_len]  # sdpa cuts it to the key too
+        if mask.shape[1] == 1:
+            seq_heads, kv_head = num_kv_heads, torch.arange(num_kv_heads, device=device)
+        else:
+            seq_heads, kv_head = num_heads, torch.arange(num_heads, device=device) // (num_heads // num_kv_heads)
+        visible = visible.expand(batch, seq_heads, q_len, visible.shape[-1])
+        slots = torch.argsort((~visible).to(torch.uint8), dim=-1, stable=True)  # seen slots first, in order
+        first_slot = (torch.arange(batch, device=device)[:, None] * num_kv_heads + kv_head) * kv_len
+        num_seqs = batch * seq_heads * q_len
+        return cls(block_table=(first_slot[:, :, None, None] + slots).reshape(num_seqs, -1).to(torch.int32),
+                   cu_q_lens=torch.arange(num_seqs + 1, dtype=torch.int32, device=device),
+                   kv_lens=visible.sum(dim=-1).reshape(num_seqs).to(torch.int32), seq_heads=seq_heads)
+
+    @staticmethod
+    def view(cache: Tensor) -> Tensor:
+        return _view_as_pages(cache)
+
+    def pack_queries(self, query: Tensor) -> Tensor:
+        """[B, H, q, D] -> [S, group, D]."""
+        batch, num_heads, q_len, head_dim = query.shape
+        group = num_heads // self.seq_heads
+        tokens = query.reshape(batch, self.seq_heads, group, q_len, head_dim).transpose(2, 3)
+        return tokens.reshape(-1, group, head_dim)
+
+    def unpack_output(self, out: Tensor, query_shape: torch.Size) -> Tensor:
+        """[S, group, D] -> [B, q, H, D]; a query that sees no slot gets 0 (sdpa would give NaN there)."""
+        batch, num_heads, q_len, head_dim = query_shape
+        out = out.masked_fill((self.kv_lens == 0)[:, None, None], 0)
+        out = out.view(batch, self.seq_heads, q_len, -1, head_dim).transpose(1, 2)
+        return out.reshape(batch, q_len, num_heads, head_dim)

@@ -1,6 +1,9 @@
 """Route 2: attn_implementation="batchdecode" gives what "sdpa" gives, on transformers' own generate.
 
-Most tests run the kernel's torch twin (fast); one runs the Triton kernel in the interpreter.
+Most tests run the kernel's torch twin (fast); one runs the Triton kernel in the interpreter. What transformers'
+generation tests ask of an attention implementation is here on tiny models: left-padded batches under
+torch.inference_mode(), a compiled forward (fullgraph) equal to eager, masks with holes, right padding without
+a cache, packed sequences and custom 4-D masks.
 """
 import re
 
@@ -45,11 +48,17 @@ def _assert_same_generation(model, enc, max_new_tokens=8, **kwargs):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gpt2"])
-def test_left_padded_generate_matches_sdpa(twin, arch):
+def test_left_padded_generate_under_inference_mode_matches_sdpa(twin, arch):
+    """Inference tensors have no version counter: nothing may read one (it raised here once)."""
     model = tiny_model(arch)
     enc = _batch(PROMPTS)
     assert not enc["attention_mask"].all()  # the batch really is padded
-    _assert_same_generation(model, enc)
+    with torch.inference_mode():
+        _assert_same_generation(model, enc)
+
+
+def test_left_padded_generate_outside_inference_mode_matches_sdpa(twin):
+    _assert_same_generation(tiny_model("qwen2"), _batch(PROMPTS))
 
 
 def test_attention_really_goes_through_paged_attention(twin, monkeypatch):
@@ -112,23 +121,126 @@ def _check_pad_slots_are_skipped():
         torch.testing.assert_close(out[b, p:].transpose(0, 1).double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_right_padded_generate_raises(twin):
-    model = tiny_model("llama")
-    model.set_attn_implementation("batchdecode")
+def _holed_batch():
+    """Masks as transformers' tests draw them: holes anywhere, each row's last token real."""
     enc = _batch(PROMPTS, "right")
-    padded = (~enc["attention_mask"].bool()).any(dim=1).nonzero().flatten().tolist()
-    with pytest.raises(ValueError, match=re.escape(f"rows {padded} have padding between real tokens")):
-        model.generate(**enc, max_new_tokens=2, do_sample=False)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ids = torch.cat([ids, ids[:, :3]], dim=1)
+    mask = torch.cat([mask, torch.ones_like(mask[:, :3])], dim=1)
+    mask[0, 1] = mask[3, 2:4] = 0
+    return {"input_ids": ids, "attention_mask": mask}
 
 
-def test_active_sliding_window_raises_inactive_one_runs(twin):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_masks_with_holes_match_sdpa(twin, use_cache):
+    """Each row's real slots are listed in its block table: holes are skipped, with a cache or without."""
+    enc = _holed_batch()
+    assert ((enc["attention_mask"][:, 1:] - enc["attention_mask"][:, :-1]) > 0).any()  # a pad before a token
+    _assert_same_generation(tiny_model("llama"), enc, max_new_tokens=4, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_right_padded_batch_goes_on_decoding(twin, use_cache):
+    """After a right-padded prefill, the next real token sees each row's real tokens, with a cache or without."""
+    model = tiny_model("gpt2")
+    enc = _batch(PROMPTS, "right")
+    new = torch.arange(5, 5 + len(PROMPTS))[:, None]
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(new)], dim=1)
+    logits = {}
+    for impl in ("sdpa", "batchdecode"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            if use_cache:
+                cache = model(**enc, use_cache=True).past_key_values
+                out = model(input_ids=new, attention_mask=mask, past_key_values=cache)
+            else:
+                out = model(input_ids=torch.cat([enc["input_ids"], new], dim=1), attention_mask=mask, use_cache=False)
+        logits[impl] = out.logits[:, -1]
+    torch.testing.assert_close(logits["batchdecode"], logits["sdpa"], rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_window_shorter_than_the_sequence_matches_sdpa(twin):
+    """A window that cuts into the sequence takes the dense mask: exact, like any mask function's pattern."""
     model = tiny_model("mistral")
     model.config.sliding_window = 64  # longer than any sequence here: plain causal
     _assert_same_generation(model, _batch(PROMPTS), max_new_tokens=3)
     model.config.sliding_window = 4
+    _assert_same_generation(model, _batch(PROMPTS), max_new_tokens=6)
+
+
+def _logits(model, impl, **inputs):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(**inputs, use_cache=False).logits[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_sequences_equal_each_sequence_alone(twin, arch):
+    """Sequences packed in one row, told apart by position_ids restarting at 0 (transformers' padding-free format)."""
+    model = tiny_model(arch)
+    seqs = [_batch([p])["input_ids"][0] for p in PROMPTS[:3]]
+    packed = torch.cat(seqs)[None]
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    got = _logits(model, "batchdecode", input_ids=packed, position_ids=positions)
+    torch.testing.assert_close(got, _logits(model, "sdpa", input_ids=packed, position_ids=positions),
+                               rtol=1e-4, atol=1e-4)
+    alone = torch.cat([_logits(model, "sdpa", input_ids=s[None]) for s in seqs])
+    torch.testing.assert_close(got, alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool], ids=["float", "bool"])
+def test_custom_4d_mask_equals_separate_sequences(twin, dtype):
+    """transformers' test_custom_4d_attention_mask: three continuations of one prefix that do not see each other."""
+    model = tiny_model("llama")
+    prefix, tails = [11, 12, 13], [21, 22, 23]
+    ids = torch.tensor([prefix + tails])
+    allowed = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+    allowed[3:, 3:] = torch.eye(3, dtype=torch.bool)
+    mask = allowed if dtype == torch.bool else (~allowed).float() * torch.finfo(torch.float32).min
+    positions = torch.tensor([[0, 1, 2, 3, 3, 3]])
+    got = _logits(model, "batchdecode", input_ids=ids, attention_mask=mask[None, None], position_ids=positions)
+    alone = torch.stack([_logits(model, "sdpa", input_ids=torch.tensor([prefix + [t]]))[-1] for t in tails])
+    torch.testing.assert_close(got[3:], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_a_float_4d_mask_with_a_bias_raises(twin):
+    model = tiny_model("llama")
     model.set_attn_implementation("batchdecode")
-    with pytest.raises(ValueError, match="plain causal"):
-        model.generate(**_batch(PROMPTS), max_new_tokens=2, do_sample=False)
+    bias = torch.zeros(1, 1, 4, 4).masked_fill(~torch.tril(torch.ones(4, 4, dtype=torch.bool)), float("-inf"))
+    bias[..., 0] = -0.5
+    with pytest.raises(ValueError, match="bias"):
+        model(input_ids=torch.tensor([[11, 12, 13, 14]]), attention_mask=bias, use_cache=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compiled_forward_in_generate_equals_eager(twin, arch):
+    """transformers' test_generate_compile_model_forward_fullgraph: generate with a static cache compiles the
+    forward (fullgraph, no dynamic shapes); two batches of one shape give eager's tokens without a recompile.
+
+    aot_eager traces as inductor does (dynamo, fake tensors, functionalisation) without minutes of C++ codegen.
+    """
+    from transformers import CompileConfig
+
+    model = tiny_model(arch)
+    model.set_attn_implementation("batchdecode")
+    config = CompileConfig(fullgraph=True, dynamic=False, backend="aot_eager")
+    config._compile_all_devices = True  # transformers compiles on CUDA only by default
+    kwargs = dict(max_new_tokens=4, do_sample=False, cache_implementation="static", return_dict_in_generate=True,
+                  output_logits=True)
+    padded = _batch(PROMPTS)  # one shape for both halves, as in transformers' test
+    torch.compiler.reset()
+    with torch.inference_mode():
+        for index, rows in enumerate([slice(0, 2), slice(2, 4)]):
+            enc = {name: t[rows] for name, t in padded.items()}
+            with torch.compiler.set_stance("force_eager"):
+                want = model.generate(**enc, **kwargs)
+            with torch.compiler.set_stance("fail_on_recompile" if index else "default"):
+                got = model.generate(**enc, **kwargs, compile_config=config)
+            assert hasattr(model, "_compiled_call")
+            assert torch.equal(got.sequences, want.sequences)
+            for step, (g, w) in enumerate(zip(got.logits, want.logits)):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    torch.compiler.reset()
 
 
 def test_triton_kernel_in_interpreter():
