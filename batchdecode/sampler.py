@@ -96,8 +96,8 @@ def sample(logits: Tensor, params: SamplingTensors) -> SamplerOutput:
         logits = logits.clone()
         logits[params.banned_rows, params.banned_tokens] = float("-inf")
     token_ids = logits.argmax(-1)
-    # argmax picks a NaN over any number, so the row's largest logit is finite exactly when the row has no NaN,
-    # no +inf and is not all -inf: one gather checks it, instead of another pass over the vocabulary
+    # argmax picks a NaN over any number, so the row's largest logit is finite exactly when the row (its banned
+    # ids aside) has no NaN, no +inf and is not all -inf: one gather checks it, not another pass over the vocab
     finite = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1).isfinite()
     if not params.all_greedy:
         token_ids = torch.where(params.temperatures == 0, token_ids, _sample_random(logits, params))
