@@ -14,6 +14,7 @@ never a silently different result.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -215,6 +216,7 @@ class _EngineSlot:
     def __init__(self):
         self.llm = None
         self.weights = None
+        self.modules: tuple[weakref.ref, ...] = ()  # the modules the LLM was built from (weak: no cycle)
 
     def __deepcopy__(self, memo):
         return _EngineSlot()
@@ -224,7 +226,8 @@ class _EngineSlot:
 
 
 def _engine(model, prompts: list[list[int]], max_new_tokens: int):
-    """The model's LLM, built once and rebuilt only if the weights moved or its KV pool is too small.
+    """The model's LLM, built once and rebuilt only if the weights moved, a submodule was swapped, or its KV
+    pool is too small.
 
     The pool is sized for this call's rows (all at once), not for the device's free memory: the model's
     owner keeps that memory for the rest of their program.
@@ -235,12 +238,13 @@ def _engine(model, prompts: list[list[int]], max_new_tokens: int):
     block_size = 16
     needed = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
     weights = _weights_signature(model)
-    if slot.llm is None or slot.weights != weights or slot.llm.num_kv_blocks < needed:
+    if (slot.llm is None or slot.weights != weights or not _same_modules(slot.modules, model)
+            or slot.llm.num_kv_blocks < needed):
         slot.llm = None  # free the old pool before allocating the new one
         was_training = model.training
         slot.llm = LLM(model, num_kv_blocks=1 << (needed - 1).bit_length(), block_size=block_size)
         model.train(was_training)  # building the engine put the model in eval mode; leave it as it was
-        slot.weights = weights
+        slot.weights, slot.modules = weights, tuple(weakref.ref(m) for m in model.modules())
     return slot.llm
 
 
@@ -248,6 +252,14 @@ def _weights_signature(model) -> tuple:
     """Changes when the weights are moved or cast (model.to / half), which the engine would not see."""
     weight = model.get_input_embeddings().weight
     return weight.device, weight.dtype, weight.data_ptr()
+
+
+def _same_modules(built_from: tuple[weakref.ref, ...], model) -> bool:
+    """Whether the model is still made of the modules the engine holds. The engine keeps the HF submodules
+    themselves, so one swapped in afterwards (a LoRA wrapper, a merged or quantised layer) needs a new engine;
+    changed parameters need none (modules read them at each call)."""
+    modules = list(model.modules())
+    return len(built_from) == len(modules) and all(ref() is m for ref, m in zip(built_from, modules))
 
 
 # fallback: route 2

@@ -150,6 +150,33 @@ def test_engine_is_built_once_per_model_and_leaves_the_model_as_it_was(twin):
     assert model.training
 
 
+class _LoraLinear(torch.nn.Module):
+    """A LoRA-style wrapper: the original layer plus a low-rank update, as peft swaps it in."""
+
+    def __init__(self, base_layer: torch.nn.Linear, rank: int = 4):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_a = torch.nn.Linear(base_layer.in_features, rank, bias=False)
+        self.lora_b = torch.nn.Linear(rank, base_layer.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_b(self.lora_a(x))
+
+
+def test_swapped_submodules_are_used(twin):
+    """The engine holds the HF submodules themselves: a module swapped in after a call needs a new engine."""
+    model = tiny_model("llama")
+    ids, mask = _batch()
+    before = hf_generate.generate(model, ids, mask, max_new_tokens=6)
+    layer = model.model.layers[0]
+    layer.mlp.down_proj, layer.self_attn.q_proj = _LoraLinear(layer.mlp.down_proj), _LoraLinear(layer.self_attn.q_proj)
+    want = _hf(model, ids, mask, max_new_tokens=6)
+    assert not torch.equal(want, before)  # the swap matters
+    assert torch.equal(hf_generate.generate(model, ids, mask, max_new_tokens=6), want)
+    layer.mlp.down_proj, layer.self_attn.q_proj = layer.mlp.down_proj.base_layer, layer.self_attn.q_proj.base_layer
+    assert torch.equal(hf_generate.generate(model, ids, mask, max_new_tokens=6), before)
+
+
 def test_bad_inputs_raise_naming_the_problem(twin, models):
     model = models["llama"]
     ids, mask = _batch()
