@@ -98,27 +98,45 @@ def test_static_cache(twin):
 
 @pytest.mark.parametrize("backend", ["twin", "triton"])
 def test_pad_slots_are_skipped_not_masked(backend):
-    """NaN in every pad slot of K/V and every pad query cannot reach a real output, and pad queries give 0."""
+    """NaN in every pad slot of K/V and every pad query (left, right, holes, a row of pads) cannot reach a real
+    output, and pad queries give 0."""
     with batchdecode.kernels.backend("torch" if backend == "twin" else "auto"):
         _check_pad_slots_are_skipped()
 
 
 def _check_pad_slots_are_skipped():
-    batch, heads, kv_heads, length, dim = 3, 4, 2, 7, 64
-    pads = torch.tensor([0, 3, 6])
-    mask = torch.arange(length)[None, :] >= pads[:, None]
+    batch, heads, kv_heads, length, dim = 5, 4, 2, 7, 64
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0, 0],
+                         [0, 1, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     q, k, v = (torch.randn(batch, h, length, dim) for h in (heads, kv_heads, kv_heads))
     for t in (q, k, v):
         t.masked_fill_(~mask[:, None, :, None], float("nan"))
     out, _ = hf_attention.batchdecode_attention(None, q, k, v, mask, scaling=dim**-0.5)
     assert out.shape == (batch, length, heads, dim)
     assert (out.transpose(1, 2)[~mask[:, None, :].expand(-1, heads, -1)] == 0).all()
-    for b in range(batch):
-        p = int(pads[b])
-        qs, ks, vs = (t[b, :, p:].double() for t in (q, k, v))
+    for b in range(batch - 1):
+        real = mask[b].nonzero().flatten()
+        qs, ks, vs = (t[b][:, real].double() for t in (q, k, v))
         ks, vs = ks.repeat_interleave(heads // kv_heads, 0), vs.repeat_interleave(heads // kv_heads, 0)
         want = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-        torch.testing.assert_close(out[b, p:].transpose(0, 1).double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[b, real].transpose(0, 1).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_heads", [1, 4])
+@pytest.mark.parametrize("backend", ["twin", "triton"])
+def test_a_dense_mask_is_served_exactly(backend, mask_heads):
+    """Any 4-D pattern, shared by the heads or per head, including queries that see nothing (they give 0)."""
+    batch, heads, kv_heads, q_len, kv_len, dim = 2, 4, 2, 3, 9, 64
+    visible = torch.rand(batch, mask_heads, q_len, kv_len) < 0.5
+    visible[0, :, 1] = False
+    q = torch.randn(batch, heads, q_len, dim)
+    k, v = (torch.randn(batch, kv_heads, kv_len, dim) for _ in range(2))
+    with batchdecode.kernels.backend("torch" if backend == "twin" else "auto"):
+        out, _ = hf_attention.batchdecode_attention(None, q, k, v, visible, scaling=dim**-0.5)
+    ks, vs = (t.double().repeat_interleave(heads // kv_heads, 1) for t in (k, v))
+    scores = (q.double() @ ks.transpose(-1, -2) * dim**-0.5).masked_fill(~visible, float("-inf"))
+    want = (scores.softmax(-1).nan_to_num(0.0) @ vs).transpose(1, 2)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def _holed_batch():
