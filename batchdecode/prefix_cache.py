@@ -63,7 +63,7 @@ class PrefixCache:
             block = seq.block_table[i]
             if block in self.computing:
                 self.computing.remove(block)
-            elif self.hash_of[block] is None:   # a page of generated tokens: its hash is known only now
+            elif self.hash_of[block] is None:   # generated tokens (hash known only now), or a copy computed alongside
                 self._name(block, seq_page_hash(seq, self.block_size, i))
 
     def forget(self, block: int) -> None:
