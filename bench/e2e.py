@@ -2,6 +2,7 @@
 
     python -m bench e2e [--budget SECONDS] [--model PATH] [--prompts N] [--max-tokens N] [--quick]
                         [--parts hf,prefix,peer] [--peer-python PATH] [--dtypes float32,bfloat16] [--repeats N]
+                        [--threads N] [--invariance-prompts N] [--peer-memory FRACTION] [--peer-timeout SECONDS]
 
 Parts (default: hf, plus prefix on CPU, plus peer when --peer-python is given; the GPU gets no new work):
 - hf: every request generates exactly max_tokens tokens (EOS ignored by batchdecode; transformers is given no
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtypes", default="float32,bfloat16", help="peer part: dtypes to compare")
     parser.add_argument("--repeats", type=int, default=2, help="peer part: timed runs per system and dtype (best kept)")
     parser.add_argument("--threads", type=int, default=2, help="peer part: CPU threads for both systems")
+    parser.add_argument("--invariance-prompts", type=int, default=8,
+                        help="peer part: prompts run alone against the batch, per system and dtype (0: no check)")
     parser.add_argument("--peer-timeout", type=float, default=1200, help="peer part: seconds per vLLM subprocess")
     parser.add_argument("--peer-memory", type=float, default=0.35,
                         help="peer part: vLLM's gpu_memory_utilization, on CPU the fraction of the NUMA node's memory "
@@ -680,7 +683,8 @@ def peer_part(args, device: Device) -> tuple[str, dict]:
         path = str(checkpoint_path(progress=False))
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
     work = peer_workload(vocab, args.quick)
-    indices = invariance_indices(work.prompts, 2 if args.quick else 8)
+    indices = invariance_indices(work.prompts, 2 if args.quick else args.invariance_prompts) \
+        if args.invariance_prompts > 0 else []
     single = sorted(range(len(work.prompts)), key=lambda i: len(work.prompts[i]))[len(work.prompts) // 2]
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
