@@ -272,15 +272,18 @@ def _write(writer: ResultsWriter, index: int, request: PromptLine, output) -> No
                          "cannot hold; it was not written") from None
 
 
-# The engine names a request by its index in the list it was given ("prompt 3: ..."); the user knows lines.
-_REQUEST_INDEX = re.compile(r"^(?:prompt|request) (\d+)\b")
+# The engine names requests by their index in the list it was given ("prompt 3: ...", "requests 0, 2: ...");
+# the user knows input lines.
+_REQUEST_INDICES = re.compile(r"^(?:prompt|request)s? (\d+(?:, \d+)*)\b")
 
 
 def _engine_error(error: Exception, requests: list[PromptLine], todo: list[int]) -> InputError:
     message = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    match = _REQUEST_INDEX.match(message)
-    if match and int(match[1]) < len(todo):
-        return InputError(f"line {requests[todo[int(match[1])]].line}{message[match.end():]}")
+    match = _REQUEST_INDICES.match(message)
+    indices = [int(i) for i in match[1].split(", ")] if match else []
+    if indices and max(indices) < len(todo):
+        lines = [str(requests[todo[i]].line) for i in indices]
+        return InputError(f"line{'s' * (len(lines) > 1)} {', '.join(lines)}{message[match.end():]}")
     return InputError(f"generation failed: {type(error).__name__}: {message}")
 
 

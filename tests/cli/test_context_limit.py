@@ -72,20 +72,25 @@ def run(checkpoint, tmp_path):
                  "--output", str(tmp_path / "out.jsonl"), "--max-tokens", "3", "--no-progress"])
 
 
-@pytest.mark.parametrize("error", [ValueError, RuntimeError])
+@pytest.mark.parametrize("error, message, shown", [
+    (ValueError, "prompt 1: needs 9 KV pages", "line 3: needs 9 KV pages"),
+    (ValueError, "requests 0, 1: non-finite logits", "lines 1, 3: non-finite logits"),
+    (RuntimeError, "CUDA error: an illegal memory access", "generation failed: RuntimeError: CUDA error: an illegal"),
+])
 def test_an_engine_error_names_the_input_line_and_keeps_finished_results(checkpoint, tmp_path, capsys,
-                                                                        monkeypatch, error):
+                                                                        monkeypatch, error, message, shown):
     real = LLM.generate_iter
 
     def first_then_fail(self, prompts, params, **kwargs):
         outputs = real(self, prompts, params, **kwargs)
         yield next(outputs)
         outputs.close()
-        raise error("prompt 1: non-finite logits")
+        raise error(message)
 
     monkeypatch.setattr(LLM, "generate_iter", first_then_fail)
     assert run(checkpoint, tmp_path) == 1
-    assert capsys.readouterr().err.strip().splitlines() == ["batchdecode: error: line 3: non-finite logits"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"batchdecode: error: {shown}"), err
     assert [entry["index"] for entry in read_jsonl(journal_path(tmp_path / "out.jsonl"))[1:]] == [0]
 
     monkeypatch.setattr(LLM, "generate_iter", real)
