@@ -4,6 +4,8 @@
 .jsonl one JSON object per line with exactly one of "prompt" (string), "messages" (chat list) or
        "prompt_token_ids" (list of ints); optional "id" (string or int) and per-line sampling options.
 Blank lines are skipped in both. A request's id is its "id" field, or else its 1-based line number.
+The suffix may be in any case, and a leading byte-order mark is dropped. Strings that are not text (JSON's lone
+surrogate escapes) and seeds outside 64 bits are refused here, naming the line, before any model loads.
 """
 from __future__ import annotations
 
