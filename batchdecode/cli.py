@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192)
     engine.add_argument("--block-size", type=_positive_int, default=16)
     engine.add_argument("--max-model-len", type=_positive_int, default=None)
+    scale = gen.add_argument_group('scale-out on a Ray cluster (pip install "batchdecode[ray]")')
+    scale.add_argument("--replicas", type=_positive_int, default=None, metavar="N",
+                       help="run N engines (a GPU each, if the cluster has GPUs); the output file is the same")
+    scale.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="join this cluster (host:port, or auto); default: start a local one")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -130,6 +135,8 @@ def _check_options(args: argparse.Namespace, base: dict) -> None:
         raise InputError(f"bad option: {e}") from None
     if args.device is not None:
         _check_device(args.device)
+    if args.ray_address is not None and args.replicas is None:
+        raise InputError("--ray-address needs --replicas N")
 
 
 def _check_device(device: str) -> None:
@@ -308,16 +315,27 @@ def _load_engine(args, folder: Path, tokenizer):
     from .smollm2 import transformers_progress
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    options = dict(device=args.device, dtype=dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+    if args.replicas is not None:
+        return _load_replicas(args, options)
     try:
         with transformers_progress(not args.no_progress):   # its "Loading weights" bar
-            return LLM(str(folder), tokenizer=tokenizer, device=args.device, dtype=dtype,
-                       block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+            return LLM(str(folder), tokenizer=tokenizer, **options)
     except ValueError as e:   # engine options the model cannot take (block size, max_model_len, architecture)
         raise InputError(str(e)) from None
     except Exception as e:  # noqa: BLE001 — a broken checkpoint (truncated safetensors, ...) is the user's folder
         reason = (str(e).strip().splitlines() or [""])[0]
         raise InputError(f"--model {args.model}: could not load the model ({type(e).__name__}: {reason})") from None
+
+
+def _load_replicas(args, options: dict):
+    """N engines with these options on a Ray cluster, behind LLM's generate_iter; each replica loads the model."""
+    try:
+        from .ray.replica_pool import ReplicaPool
+    except ImportError as e:   # the optional extra is not installed
+        raise InputError(f"--replicas: {e}") from None
+    return ReplicaPool(args.model, args.replicas, args.ray_address, options)
 
 
 def _finished(llm, prompt_ids: list[list[int]], params: list, indices: list[int]):

@@ -7,6 +7,7 @@ or not at all, so a retried batch adds no row twice.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
+from ..outputs import EngineStats
 from .rows import ColumnRows, PickledRows, Request, Result
 
 # Test hook, read by the driver: "K:PATH" makes the first replica to finish its K-th batch while PATH exists
@@ -93,11 +95,12 @@ class Replica:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         requests = self.rows.requests(batch, self.llm.tokenizer)
+        self.stats = EngineStats()
         results = self._generate(requests)
         self.batches_done += 1
         if self.kill is not None:
             self.kill.fire_if_due(self.batches_done)
-        return self.rows.table(batch, results)
+        return self.rows.table(batch, results, self.stats)
 
     def _generate(self, requests: list[Request | str]) -> list[Result]:
         """Outputs in row order; rows that were refused keep their reason."""
@@ -114,13 +117,20 @@ class Replica:
             return []
         try:
             with self.kernels.backend(self.backend):
-                return self.llm.generate([r.prompt for r in requests], [r.params for r in requests],
-                                         use_tqdm=False)
+                outputs = self.llm.generate([r.prompt for r in requests], [r.params for r in requests],
+                                            use_tqdm=False)
+            self.stats = add_stats(self.stats, self.llm.stats)
+            return outputs
         except ValueError as e:
             if len(requests) == 1:
                 return [str(e)]
             half = len(requests) // 2
             return self._generate_checked(requests[:half]) + self._generate_checked(requests[half:])
+
+
+def add_stats(a: EngineStats, b: EngineStats) -> EngineStats:
+    """Counts of two generate() calls together."""
+    return EngineStats(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(EngineStats)})
 
 
 def map_replicas(ds: ray.data.Dataset, model: str, rows: ColumnRows | PickledRows, *, replicas: int,

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import ray
 
-from ..outputs import RequestOutput
+from ..outputs import EngineStats, RequestOutput
 from ..sampling_params import SamplingParams
-from .replica import map_replicas, replica_resources
+from .replica import add_stats, map_replicas, replica_resources
 from .rows import PickledRows
 
 BATCHES_PER_REPLICA = 4   # a few batches each: a slow or restarted replica delays its share, not the job
@@ -29,6 +29,7 @@ class ReplicaPool:
         self.resources = replica_resources(replicas, None, None, cluster)
         self.model, self.replicas, self.engine_kwargs = model, replicas, engine_kwargs
         self.max_batch = 4 * engine_kwargs.get("max_num_seqs", 256)   # enough rows to keep an engine full
+        self.stats = EngineStats()   # the latest generate_iter call's, all replicas together (as LLM.stats)
 
     def generate_iter(self, prompts: list[dict], sampling_params: list[SamplingParams], *,
                       use_tqdm: bool = False) -> Iterator[RequestOutput]:
@@ -43,6 +44,7 @@ class ReplicaPool:
             ray.shutdown()
 
     def _generate_iter(self, prompts: list[dict], params: list[SamplingParams]) -> Iterator[RequestOutput]:
+        self.stats = EngineStats()
         if not prompts:
             return
         batch_size = self._batch_size(len(prompts))
@@ -54,6 +56,8 @@ class ReplicaPool:
         out.context.enable_progress_bars = False      # the CLI's own bar counts rows across the job
         out.context.print_on_execution_start = False
         for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for stats in PickledRows.stats(batch):
+                self.stats = add_stats(self.stats, stats)
             yield from PickledRows.outputs(batch)
 
     def _batch_size(self, num_prompts: int) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from ..outputs import RequestOutput
+from ..outputs import EngineStats, RequestOutput
 from ..prompt_file import SAMPLING_FIELDS
 from ..sampling_params import SamplingParams
 
@@ -55,7 +55,7 @@ class ColumnRows:
     def requests(self, batch: pa.Table, tokenizer) -> list[Request | str]:
         return [self._request(row, tokenizer) for row in batch.to_pylist()]
 
-    def table(self, batch: pa.Table, results: list[Result]) -> pa.Table:
+    def table(self, batch: pa.Table, results: list[Result], stats: EngineStats) -> pa.Table:
         records = [_columns(r) if isinstance(r, RequestOutput) else _error_columns(self._label(row), r)
                    for row, r in zip(batch.to_pylist(), results)]
         out = pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA)
@@ -80,18 +80,20 @@ class ColumnRows:
 @dataclass(slots=True)
 class PickledRows:
     """The CLI's rows: `index` (the request's position in the CLI's call), `prompt_token_ids` and `sampling_params`
-    (pickled) in; `index`, `output` (a pickled RequestOutput) and `error` (the engine's reason) out."""
+    (pickled) in; `index`, `output` (a pickled RequestOutput), `error` (the engine's reason) and `stats` (the
+    batch's EngineStats, pickled, on its first row) out."""
 
     def requests(self, batch: pa.Table, tokenizer) -> list[Request | str]:
         return [Request({"prompt_token_ids": ids}, pickle.loads(params)) for ids, params in
                 zip(batch.column("prompt_token_ids").to_pylist(), batch.column("sampling_params").to_pylist())]
 
-    def table(self, batch: pa.Table, results: list[Result]) -> pa.Table:
+    def table(self, batch: pa.Table, results: list[Result], stats: EngineStats) -> pa.Table:
         ran = [isinstance(r, RequestOutput) for r in results]
         return pa.table({
             "index": batch.column("index"),
             "output": pa.array([pickle.dumps(r) if ok else None for r, ok in zip(results, ran)], pa.binary()),
             "error": pa.array([None if ok else r for r, ok in zip(results, ran)], pa.string()),
+            "stats": pa.array([pickle.dumps(stats)] + [None] * (len(results) - 1), pa.binary()),
         })
 
     @staticmethod
@@ -99,6 +101,10 @@ class PickledRows:
         return pa.table({"index": pa.array(range(len(prompt_ids)), pa.int64()),
                          "prompt_token_ids": pa.array(prompt_ids, pa.list_(pa.int64())),
                          "sampling_params": pa.array([pickle.dumps(p) for p in params], pa.binary())})
+
+    @staticmethod
+    def stats(batch: pa.Table) -> list[EngineStats]:
+        return [pickle.loads(s) for s in batch.column("stats").to_pylist() if s is not None]
 
     @staticmethod
     def outputs(batch: pa.Table) -> Iterator[RequestOutput]:
