@@ -188,10 +188,14 @@ def _check_output_path(args: argparse.Namespace) -> None:
 def _manifest(args: argparse.Namespace) -> Manifest:
     """What produced the results, for the journal. Scheduling options are recorded but not decisive: a row's
     output does not depend on its batch, its pages or max_model_len, so a rerun may change them."""
+    import torch
+
     folder = Path(args.model).expanduser()
     model = str(folder.resolve()) if folder.is_dir() else args.model
+    # The default device resolved: a run begun on a GPU machine and resumed on a CPU one would mix numerics.
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     decisive = dict(input_sha256=hashlib.sha256(args.input.read_bytes()).hexdigest(), model=model,
-                    chat=args.chat, sampling=_sampling_options(args), dtype=args.dtype, device=args.device)
+                    chat=args.chat, sampling=_sampling_options(args), dtype=args.dtype, device=device)
     recorded = dict(input=str(args.input.resolve()), max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                     max_model_len=args.max_model_len)

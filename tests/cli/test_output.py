@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from batchdecode.cli import main
 from batchdecode.results_file import Manifest, ResultsFile, journal_path
@@ -74,4 +75,7 @@ def test_other_sampling_options_are_not_resumed(checkpoint, tmp_path, capsys):
     assert "another run (sampling" in err and "--overwrite" in err, err
     assert out.read_bytes() == before
     assert main(argv(checkpoint, tmp_path, out, "--max-num-seqs", "1")) == 0   # scheduling changes no token
+    assert "already" in capsys.readouterr().err
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert main(argv(checkpoint, tmp_path, out, "--device", default_device)) == 0   # the default, spelled out
     assert "already" in capsys.readouterr().err
