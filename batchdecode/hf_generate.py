@@ -265,8 +265,15 @@ def _same_modules(built_from: tuple[weakref.ref, ...], model) -> bool:
 # fallback: route 2
 
 
-def _generate_with_attention(model, input_ids, attention_mask, generation_config, **kwargs) -> Tensor:
-    """model.generate with attn_implementation="batchdecode", the previous implementation restored after."""
+def _generate_with_attention(model, input_ids, attention_mask, generation_config, **kwargs):
+    """model.generate with attn_implementation="batchdecode", the previous implementation restored after.
+
+    transformers' generate is only right on left padding, so rows padded otherwise go in left-padded and come
+    back with the prompt as given.
+    """
+    given = input_ids
+    if attention_mask is not None and not _is_left_padded(attention_mask):
+        input_ids, attention_mask = _left_padded(input_ids, attention_mask)
     hf_attention.register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(hf_attention.NAME)
@@ -277,7 +284,32 @@ def _generate_with_attention(model, input_ids, attention_mask, generation_config
         else:
             warnings.warn(f"batchdecode.generate: {type(model).__name__} is not an engine architecture; running "
                           "model.generate with attn_implementation='batchdecode'", stacklevel=3)
-        return model.generate(input_ids, attention_mask=attention_mask, generation_config=generation_config,
-                              **kwargs)
+        out = model.generate(input_ids, attention_mask=attention_mask, generation_config=generation_config,
+                             **kwargs)
     finally:
         model.set_attn_implementation(previous)
+    return out if input_ids is given else _with_prompt_as_given(out, given)
+
+
+def _is_left_padded(attention_mask: Tensor) -> bool:
+    return bool((attention_mask.bool().int().diff(dim=1) >= 0).all())
+
+
+def _left_padded(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's real tokens moved to the right end (pads as 0, masked); ValueError naming a bad row."""
+    ids, mask = torch.zeros_like(input_ids), torch.zeros_like(attention_mask)
+    for row, tokens in enumerate(_real_tokens(input_ids, attention_mask)):
+        ids[row, ids.shape[1] - len(tokens):] = torch.tensor(tokens, dtype=ids.dtype)
+        mask[row, mask.shape[1] - len(tokens):] = 1
+    return ids, mask
+
+
+def _with_prompt_as_given(out, input_ids: Tensor):
+    """generate's output (a tensor or a ModelOutput with sequences) with the left-padded prompt swapped back."""
+    sequences = out if isinstance(out, Tensor) else out.sequences
+    prompts = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+    sequences = torch.cat([prompts, sequences[:, input_ids.shape[1]:]], dim=1)
+    if isinstance(out, Tensor):
+        return sequences
+    out.sequences = sequences
+    return out

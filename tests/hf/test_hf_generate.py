@@ -203,18 +203,31 @@ def test_bad_inputs_raise_naming_the_problem(twin, models):
         hf_generate.generate(model, ids, mask, max_new_tokens=2, num_return_sequences=2)
 
 
-def test_unsupported_architecture_falls_back_to_route_2(twin):
+def _olmo():
     tok = tiny_tokenizer()
     config = OlmoConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1,
                         vocab_size=VOCAB_SIZE, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_unsupported_architecture_falls_back_to_route_2(twin):
+    model = _olmo()
     ids, mask = _batch()
     want = _hf(model, ids, mask, max_new_tokens=5)
     with pytest.warns(UserWarning, match="attn_implementation='batchdecode'"):
         got = hf_generate.generate(model, ids, mask, max_new_tokens=5)
     assert torch.equal(got, want)
     assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_fallback_takes_right_padding_too(twin):
+    """transformers' generate is only right on left padding: the fallback hands it the rows left-padded."""
+    model = _olmo()
+    ids, mask = _batch(side="right")
+    want = _alone_then_laid_out(model, ids, mask, max_new_tokens=5)
+    with pytest.warns(UserWarning, match="attn_implementation='batchdecode'"):
+        assert torch.equal(hf_generate.generate(model, ids, mask, max_new_tokens=5), want)
 
 
 def test_triton_kernels_in_interpreter():
