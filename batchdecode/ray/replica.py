@@ -80,6 +80,7 @@ class Replica:
         from .. import kernels
         from ..llm import LLM
         from ..model_source import resolve_model
+        from ..smollm2 import transformers_progress
 
         device = str(engine_kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         on_cpu = device.startswith("cpu")
@@ -89,13 +90,14 @@ class Replica:
         # generation through Triton's interpreter
         self.backend = "torch" if on_cpu else "auto"
         self.kernels = kernels
-        with kernels.backend(self.backend):
+        with kernels.backend(self.backend), transformers_progress(False):   # a replica has no terminal to draw on
             self.llm = LLM(str(resolve_model(model, progress=False)), **engine_kwargs)
         self.rows, self.kill, self.batches_done = rows, kill, 0
+        self.stats = EngineStats()   # the current batch's counts, all its generate() calls together
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        requests = self.rows.requests(batch, self.llm.tokenizer)
         self.stats = EngineStats()
+        requests = self.rows.requests(batch, self.llm.tokenizer)
         results = self._generate(requests)
         self.batches_done += 1
         if self.kill is not None:

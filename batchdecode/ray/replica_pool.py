@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterator
 
 import ray
+import ray.data
 
 from ..outputs import EngineStats, RequestOutput
 from ..sampling_params import SamplingParams
@@ -25,6 +26,8 @@ class ReplicaPool:
 
     def __init__(self, model: str, replicas: int, address: str | None, engine_kwargs: dict):
         self.started_ray = _connect(address)
+        # the CLI's bar and summary say what Ray Data's logs would (its import sets them to INFO, so after it)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         cluster = ray.cluster_resources()
         self.resources = replica_resources(replicas, None, None, cluster)
         self.model, self.replicas, self.engine_kwargs = model, replicas, engine_kwargs
@@ -48,9 +51,9 @@ class ReplicaPool:
         if not prompts:
             return
         batch_size = self._batch_size(len(prompts))
-        table = PickledRows.inputs([p["prompt_token_ids"] for p in prompts], params)
-        # one block per batch, so Ray Data hands the batches to different replicas
-        ds = ray.data.from_arrow([table.slice(start, batch_size) for start in range(0, len(prompts), batch_size)])
+        rows = PickledRows.inputs([p["prompt_token_ids"] for p in prompts], params)
+        # a block per batch, so Ray Data hands the batches to different replicas
+        ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch_size))
         out = map_replicas(ds, self.model, PickledRows(), replicas=self.replicas, resources=self.resources,
                            batch_size=batch_size, engine_kwargs=self.engine_kwargs)
         out.context.enable_progress_bars = False      # the CLI's own bar counts rows across the job
@@ -72,5 +75,4 @@ def _connect(address: str | None) -> bool:
         ray.init(logging_level=logging.WARNING, include_dashboard=False)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return True

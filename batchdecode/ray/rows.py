@@ -97,10 +97,9 @@ class PickledRows:
         })
 
     @staticmethod
-    def inputs(prompt_ids: list[list[int]], params: list[SamplingParams]) -> pa.Table:
-        return pa.table({"index": pa.array(range(len(prompt_ids)), pa.int64()),
-                         "prompt_token_ids": pa.array(prompt_ids, pa.list_(pa.int64())),
-                         "sampling_params": pa.array([pickle.dumps(p) for p in params], pa.binary())})
+    def inputs(prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[dict]:
+        return [dict(index=index, prompt_token_ids=ids, sampling_params=pickle.dumps(p))
+                for index, (ids, p) in enumerate(zip(prompt_ids, params))]
 
     @staticmethod
     def stats(batch: pa.Table) -> list[EngineStats]:
