@@ -37,10 +37,10 @@ def test_shared_pages_are_freed_by_their_last_owner():
     bm = BlockManager(num_blocks=4, block_size=2)
     a, b = make_seq(4, 0), make_seq(4, 1)
     bm.allocate(a, 4)
-    for block_id in a.block_table:        # b shares a's prefix pages (what prefix caching will do)
-        bm.ref_counts[block_id] += 1
-    b.block_table = list(a.block_table)
+    bm.allocate(b, 4, prefix=a.block_table)   # b shares a's pages (prefix caching hands b these)
+    assert b.block_table == a.block_table and all(bm.ref_counts[p] == 2 for p in a.block_table)
+    assert b.num_cached_tokens == 4 and bm.num_free_blocks == 2
     bm.deallocate(a)
     assert bm.num_free_blocks == 2
     bm.deallocate(b)
-    assert bm.num_free_blocks == 4
+    assert bm.num_free_blocks == 4 and all(c == 0 for c in bm.ref_counts)
