@@ -114,7 +114,7 @@ class Scheduler:
         self.waiting.extendleft(reversed(deferred))
 
     def _start(self, seq: Sequence, prefix: list[int], budget: int) -> int | None:
-        """Give seq its cached prefix pages and pages for its first chunk; the chunk's size, or None if it does not fit."""
+        """Give seq its cached prefix pages and pages for its first chunk; the chunk's size, None if it does not fit."""
         num_cached = len(prefix) * self.block_manager.block_size
         num_new = min(len(seq) - num_cached, budget)
         if not self.block_manager.can_allocate(seq, num_cached + num_new, prefix):
