@@ -267,3 +267,18 @@ def test_a_model_instance_changed_in_place_between_calls_is_never_served_stale_p
     assert llm.stats.num_computed_prompt_tokens == len(prompt)
     fresh = LLM(hf_model, block_size=BS, num_kv_blocks=64).generate([prompt], params, use_tqdm=False)[0]
     assert completions([after]) == completions([fresh])
+
+
+def test_a_cache_hit_on_the_triton_kernels_equals_the_cache_off():
+    """The same through the Triton kernels themselves (interpreted on CPU): the tail after cached pages attends
+    to pages another request wrote."""
+    from batchdecode import kernels
+
+    assert kernels.use_triton(torch.empty(1)), "conftest sets TRITON_INTERPRET=1"
+    system = [11, 22, 33, 44, 55, 66, 77, 88, 99]
+    prompts = [system + [5], system + [6, 7]]
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, logprobs=1)
+    on, on_stats = run(torch.float32, True, prompts, params, num_kv_blocks=16)
+    off, _ = run(torch.float32, False, prompts, params, num_kv_blocks=16)
+    assert on_stats.num_computed_prompt_tokens == 10 + 3   # the second prompt took 2 pages from the cache
+    assert completions(on) == completions(off)
