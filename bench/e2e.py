@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         del model
         free_memory()
     if "peer" in parts:
-        out.add(*peer_part(args, device))
+        peer_part(args, device, lambda text, result: out.add(text, result, key="peer"))
     return out.result
 
 
@@ -322,13 +322,14 @@ class Report:
 
     def __init__(self, device: Device, parts: list[str]):
         self.device = device
-        self.texts: list[str] = []
+        self.texts: dict[str, str] = {}
         self.result: dict = {"device": device.name, "commit": git_commit(), "parts": parts}
 
-    def add(self, text: str, result: dict) -> None:
-        self.texts.append(text)
+    def add(self, text: str, result: dict, key: str | None = None) -> None:
+        """Add (or, under the same key, replace) one part's text and results, and save the whole report."""
+        self.texts[key or str(len(self.texts))] = text
         self.result.update(result)
-        save(f"e2e-{self.device.slug}.md", "\n\n".join(self.texts) + "\n")
+        save(f"e2e-{self.device.slug}.md", "\n\n".join(self.texts.values()) + "\n")
         save_json(f"e2e-{self.device.slug}.json", self.result)
 
 def contenders(model, work: Workload, deadline: Deadline):
@@ -698,7 +699,9 @@ def _text(b) -> str:
     return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
-def peer_part(args, device: Device) -> tuple[str, dict]:
+def peer_part(args, device: Device, publish) -> None:
+    """Both systems per dtype; the report is published (saved) after every side, so a run cut short keeps what
+    it measured."""
     path = args.model
     if not path:
         from batchdecode.smollm2 import checkpoint_path
@@ -724,14 +727,16 @@ def peer_part(args, device: Device) -> tuple[str, dict]:
                 ours = Side("batchdecode", dtype, error=f"{type(e).__name__}: {str(e)[:200]}")
             sides.append(ours)
             _print_side(ours, generated)
+            publish(*peer_report(sides, work, indices, path, device, args, echo=False))
             peer = vllm_side(args.peer_python, path, dtype, work, args.repeats, indices, single, args.threads,
                              args.peer_timeout, f"peer-vllm-{dtype}-{device.slug}.log", args.peer_memory,
                              args.invariance_tokens)
             sides.append(peer)
             _print_side(peer, generated)
+            publish(*peer_report(sides, work, indices, path, device, args, echo=False))
     finally:
         torch.set_num_threads(threads_before)
-    return peer_report(sides, work, indices, path, device, args)
+    publish(*peer_report(sides, work, indices, path, device, args))
 
 
 def _print_side(side: Side, generated: int) -> None:
@@ -744,7 +749,7 @@ def _print_side(side: Side, generated: int) -> None:
 
 
 def peer_report(sides: list[Side], work: Workload, indices: list[int], path: str, device: Device,
-                args) -> tuple[str, dict]:
+                args, echo: bool = True) -> tuple[str, dict]:
     generated = len(work.prompts) * work.max_tokens
     table, rows, ratios = [], [], {}
     for side in sides:
@@ -809,7 +814,8 @@ def peer_report(sides: list[Side], work: Workload, indices: list[int], path: str
                   "tokens alone = in batch", "logprobs bitwise alone = "
                   "in batch", "max abs logprob diff", "same tokens as batchdecode", "error"], table),
     ])
-    print(text, flush=True)
+    if echo:
+        print(text, flush=True)
     return text, {"peer": {"rows": rows, "ratios": ratios, "prompt_lengths": lengths, "max_tokens": work.max_tokens,
                            "threads": args.threads, "model": str(path), "invariance_indices": indices}}
 
