@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 from collections.abc import Iterator
 
 import ray
 import ray.data
 
 from ..outputs import EngineStats, RequestOutput
+from ..prompt_file import InputError
 from ..sampling_params import SamplingParams
 from .replica import add_stats, map_replicas, replica_resources
 from .rows import PickledRows
@@ -58,10 +60,16 @@ class ReplicaPool:
                            batch_size=batch_size, engine_kwargs=self.engine_kwargs)
         out.context.enable_progress_bars = False      # the CLI's own bar counts rows across the job
         out.context.print_on_execution_start = False
+        seen: set[int] = set()
         for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
             for stats in PickledRows.stats(batch):
                 self.stats = add_stats(self.stats, stats)
-            yield from PickledRows.outputs(batch)
+            for output in PickledRows.outputs(batch):
+                if output.index not in seen:   # never twice, even if a retried batch's output came back twice
+                    seen.add(output.index)
+                    yield output
+        if len(seen) != len(prompts):
+            raise RuntimeError(f"the replicas returned {len(seen)} of {len(prompts)} results")
 
     def _batch_size(self, num_prompts: int) -> int:
         return max(1, min(self.max_batch, math.ceil(num_prompts / (BATCHES_PER_REPLICA * self.replicas))))
@@ -71,8 +79,20 @@ def _connect(address: str | None) -> bool:
     """Whether this call started Ray (and so should stop it)."""
     if ray.is_initialized():   # a caller (a test, a notebook) set the cluster up already
         return False
-    if address is None:
-        ray.init(logging_level=logging.WARNING, include_dashboard=False)
-    else:
-        ray.init(address=address, logging_level=logging.WARNING)
+    try:
+        if address is None:
+            ray.init(logging_level=logging.WARNING, include_dashboard=False)
+        else:
+            _check_reachable(address)
+            ray.init(address=address, logging_level=logging.WARNING)
+    except (OSError, ValueError) as e:   # nothing listening there, no cluster found, a malformed address
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"--ray-address {address}: could not join a Ray cluster ({reason})") from None
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """A host:port nobody listens on fails here at once; Ray itself would retry it for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():
+        socket.create_connection((host, int(port)), timeout=10).close()
