@@ -45,6 +45,9 @@ def generate(ds: ray.data.Dataset, model: str | os.PathLike, sampling_params: Sa
     ray_remote_args: passed to map_batches (runtime_env, resources, scheduling_strategy, ...).
     engine_kwargs: LLM's own (dtype, device, max_num_seqs, max_num_batched_tokens, block_size, max_model_len...).
     """
+    if sampling_params is not None and sampling_params.n != 1:
+        raise ValueError(f"sampling_params.n={sampling_params.n}: batchdecode.ray.generate writes one completion "
+                         "per row; repeat the rows with different seeds instead")
     _init_ray()
     resources = replica_resources(replicas, gpus_per_replica, cpus_per_replica, ray.cluster_resources())
     rows = ColumnRows(prompt_column, id_column, sampling_params if sampling_params is not None else SamplingParams())

@@ -63,7 +63,25 @@ def test_a_bad_row_is_reported_with_its_id_and_costs_no_other_row(results):
     assert all(bad[f] is None for f in RESULT_FIELDS)
 
 
-def test_replicas_take_one_cpu_each_and_as_many_torch_threads():
+def test_a_cpu_replica_runs_num_cpus_torch_threads_on_the_twins(checkpoint):
+    import torch
+
+    from batchdecode.ray.replica import Replica
+    from batchdecode.ray.rows import ColumnRows
+
+    threads = torch.get_num_threads()
+    try:
+        replica = Replica(str(checkpoint), ColumnRows("prompt", "id", SamplingParams(max_tokens=2)), num_cpus=2,
+                          engine_kwargs=dict(device="cpu", max_num_seqs=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert replica.backend == "torch"   # even where TRITON_INTERPRET=1 would send CPU tensors to the interpreter
+    out = replica(pa.table({"id": ["a"], "prompt": ["hello"]}))
+    assert out.column("num_generated_tokens").to_pylist() == [2] and out.column("error").to_pylist() == [None]
+
+
+def test_replicas_take_a_gpu_each_or_a_share_of_the_cpus():
     from batchdecode.ray.replica import replica_resources
 
     assert replica_resources(2, None, None, {"CPU": 2.0}).num_cpus == 1
