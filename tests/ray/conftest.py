@@ -27,7 +27,9 @@ def cluster():
         ray.init(num_cpus=NUM_CPUS, include_dashboard=False, object_store_memory=200 * 2**20,
                  runtime_env={"env_vars": {"TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}})
     finally:
-        if previous is not None:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
             os.environ["TRITON_INTERPRET"] = previous
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
