@@ -17,7 +17,7 @@ import ray.data
 from ..outputs import EngineStats, RequestOutput
 from ..prompt_file import InputError
 from ..sampling_params import SamplingParams
-from .replica import add_stats, map_replicas, replica_resources
+from .replica import ReplicaResources, add_stats, map_replicas, replica_resources
 from .rows import PickledRows
 
 BATCHES_PER_REPLICA = 4   # a few batches each: a slow or restarted replica delays its share, not the job
@@ -32,6 +32,7 @@ class ReplicaPool:
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         cluster = ray.cluster_resources()
         self.resources = replica_resources(replicas, None, None, cluster)
+        _check_fits(replicas, self.resources, cluster)
         self.model, self.replicas, self.engine_kwargs = model, replicas, engine_kwargs
         self.max_batch = 4 * engine_kwargs.get("max_num_seqs", 256)   # enough rows to keep an engine full
         self.stats = EngineStats()   # the latest generate_iter call's, all replicas together (as LLM.stats)
@@ -73,6 +74,14 @@ class ReplicaPool:
 
     def _batch_size(self, num_prompts: int) -> int:
         return max(1, min(self.max_batch, math.ceil(num_prompts / (BATCHES_PER_REPLICA * self.replicas))))
+
+
+def _check_fits(replicas: int, resources: ReplicaResources, cluster: dict[str, float]) -> None:
+    """A replica that can never be placed would leave the job waiting for it forever."""
+    for name, each in (("GPU", resources.num_gpus), ("CPU", resources.num_cpus)):
+        if replicas * each > cluster.get(name, 0):
+            raise InputError(f"--replicas {replicas}: they need {replicas * each:g} {name}s, and the Ray cluster has "
+                             f"{cluster.get(name, 0):g}")
 
 
 def _connect(address: str | None) -> bool:

@@ -50,3 +50,11 @@ def test_a_killed_driver_resumes_where_it_stopped(cluster, checkpoint, prompts, 
 def test_ray_address_needs_replicas(checkpoint, prompts, tmp_path, capsys):
     assert main(cli_argv(checkpoint, prompts, tmp_path / "out.jsonl", "--ray-address", "auto")) == 1
     assert "--ray-address needs --replicas" in capsys.readouterr().err
+
+
+def test_more_replicas_than_the_cluster_holds_is_a_one_line_error(cluster, checkpoint, prompts, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    assert main(cli_argv(checkpoint, prompts, out, "--replicas", "3")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["batchdecode: error: --replicas 3: they need 3 CPUs, and the Ray cluster has 2"]
+    assert not out.exists()
