@@ -2,8 +2,8 @@
 
 Batch invariance is what makes this exact: a row's tokens do not depend on which replica ran it or with which
 neighbours, so N replicas give the bytes one process gives. Ray Data restarts a dead actor and retries its
-batch (max_restarts and max_task_retries default to -1 for actor pools), and a batch's output goes out whole
-or not at all, so a retried batch adds no row twice.
+batch (max_restarts and max_task_retries default to -1 for actor pools); a batch's rows come back in one table,
+and the CLI's driver keeps a single output per row in any case.
 """
 from __future__ import annotations
 
