@@ -50,17 +50,19 @@ class TileConfig:
 def tile_config(dtype: torch.dtype, head_dim_pad: int, arch: int) -> TileConfig:
     """Per dtype, padded head dim and GPU architecture only, never per batch, so a row's arithmetic never changes.
 
-    Half types: 64-row tiles, the smallest Hopper wgmma (HGMMA), up to 254 registers and no spills on sm_90.
-    Ampere's mma keeps more of the tile in registers: 4 warps spill 24-40 bytes there at head dims 80-128,
-    8 warps do not (same tiles, so the same arithmetic).
-    fp32 runs an exact FMA dot (no tf32): 16-row tiles keep its operands in registers without spilling.
+    Every choice keeps a query tile's two accumulators (its split's and the fold of the splits before) in
+    registers without spilling, as the compile report shows. Half types take 64-row tiles, the smallest Hopper
+    wgmma (HGMMA); Ampere's mma needs 8 warps and 32-token KV tiles for that; head dim 256 takes 32-row tiles.
+    fp32 runs an exact FMA dot (no tf32) on 16-row tiles.
     """
     if dtype == torch.float32:
-        return TileConfig(block_m=16, block_n=32 if head_dim_pad == 64 else 16, num_warps=4, num_stages=2)
-    if head_dim_pad <= 128:
-        warps = 8 if arch < 90 and head_dim_pad > 64 else 4
-        return TileConfig(block_m=64, block_n=64, num_warps=warps, num_stages=3)
-    return TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=3)
+        block_n = 32 if head_dim_pad == 64 else 16
+        return TileConfig(block_m=16, block_n=block_n, num_warps=4, num_stages=3)
+    if head_dim_pad == 256:
+        return TileConfig(block_m=32, block_n=32, num_warps=8, num_stages=2)
+    if arch >= 90:
+        return TileConfig(block_m=64, block_n=64, num_warps=4 if head_dim_pad == 64 else 8, num_stages=3)
+    return TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
 
 @triton.jit
@@ -182,15 +184,16 @@ def _paged_attention_kernel(
             else:
                 acc = tl.dot(p.to(kv_dtype), v, acc, input_precision="ieee")
             m_i = m_new
-        m_all, l_all, acc_all = _merge(m_all, l_all, acc_all, m_i, l_i, acc)
+        if row_splits > 1:  # one split of a decode row (the loop's only pass): the merge kernel folds them
+            part = ((row * num_heads + head).to(tl.int64) * num_splits + split)
+            tl.store(part_max + part, m_i, mask=row_valid)
+            tl.store(part_sum + part, l_i, mask=row_valid)
+            acc_ptrs = part_acc + part[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.store(acc_ptrs, acc, mask=row_valid[:, None] & d_valid[None, :])
+        else:
+            m_all, l_all, acc_all = _merge(m_all, l_all, acc_all, m_i, l_i, acc)
 
-    if row_splits > 1:  # a decode row's split: the merge kernel folds the partials (this one is m_i, l_i, acc)
-        part = ((row * num_heads + head).to(tl.int64) * num_splits + split)
-        tl.store(part_max + part, m_i, mask=row_valid)
-        tl.store(part_sum + part, l_i, mask=row_valid)
-        acc_ptrs = part_acc + part[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(acc_ptrs, acc, mask=row_valid[:, None] & d_valid[None, :])
-    else:
+    if row_splits == 1:
         # a query that sees no slot (kv_start past it) outputs zeros
         o = acc_all / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
         o_ptrs = out + q_tok[:, None] * (num_heads * HEAD_DIM) + head[:, None] * HEAD_DIM + offs_d[None, :]
@@ -210,8 +213,9 @@ def _merge(m_all, l_all, acc_all, m, l, acc):
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     old = tl.exp2(m_all - m_safe)
     new = tl.exp2(m - m_safe)
-    l_new = l_all * old + l * new
-    acc_new = acc_all * _expand_like(old, acc_all) + acc * _expand_like(new, acc)
+    # explicit fmas: the compiler may not contract these sums one way in one kernel and another way in the other
+    l_new = tl.fma(l_all, old, l * new)
+    acc_new = tl.fma(acc_all, _expand_like(old, acc_all), acc * _expand_like(new, acc))
     return m_new, l_new, acc_new
 
 

@@ -61,16 +61,26 @@ def _matmul_kernel(
     x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     w_ptrs = w + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None].to(tl.int64) * stride_wk
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_valid = k0 + offs_k < K
-        a = tl.load(x_ptrs, mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_valid[:, None] & n_valid[None, :], other=0.0)
+    # whole K tiles first, loaded without a K mask (so the loads vectorise whatever K is), then the last part
+    # tile, zero-padded: the same tiles in the same order for every row
+    full_k = K - K % BLOCK_K
+    for k0 in range(0, full_k, BLOCK_K):
+        a = tl.load(x_ptrs, mask=m_valid[:, None], other=0.0)
+        b = tl.load(w_ptrs, mask=n_valid[None, :], other=0.0)
         if INTERPRET:  # fp32 copies (bf16 arithmetic is wrong there), and see "row-invariant dot" in triton_common
             acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
         else:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
+    if full_k < K:
+        k_valid = full_k + offs_k < K
+        a = tl.load(x_ptrs, mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_valid[:, None] & n_valid[None, :], other=0.0)
+        if INTERPRET:
+            acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(bias + offs_n, mask=n_valid, other=0.0).to(tl.float32)
     o = round_like(acc, out.dtype.element_ty, INTERPRET)
@@ -99,7 +109,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def compile_specs(arch: int) -> list[CompileSpec]:
-    """Each dtype with and without bias, at a narrow and a wide N (the two tile widths)."""
+    """Each dtype at a narrow and a wide N (the two tile widths), with and without bias, for both weight layouts.
+
+    Triton specializes an integer argument equal to 1 at launch, so nn.Linear's weight (stride_wk == 1) and a
+    Conv1D's transposed one (stride_wn == 1) compile to two kernels: both are listed.
+    """
     specs = []
     for dtype in DTYPES:
         ty = TRITON_DTYPE[dtype]
@@ -107,14 +121,17 @@ def compile_specs(arch: int) -> list[CompileSpec]:
             tiles = matmul_tiles(n, dtype, arch)
             if dtype == torch.float32 and n > 4096:
                 continue  # fp32 tiles do not depend on N
-            for has_bias in (False, True):
-                specs.append(CompileSpec(
-                    name=f"linear[{ty},BLOCK_N={tiles.block_n},bias={int(has_bias)}]", fn=_matmul_kernel,
-                    signature={"x": f"*{ty}", "w": f"*{ty}", "bias": f"*{ty}", "out": f"*{ty}", "M": "i32",
-                               "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_wk": "i32",
-                               "stride_om": "i32", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr",
-                               "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "INTERPRET": "constexpr"},
-                    constexprs=dict(HAS_BIAS=has_bias, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                                    BLOCK_K=tiles.block_k, INTERPRET=False),
-                    num_warps=tiles.num_warps, num_stages=tiles.num_stages))
+            for layout, unit_stride in (("linear", "stride_wk"), ("conv1d", "stride_wn")):
+                for has_bias in (False, True):
+                    signature = {"x": f"*{ty}", "w": f"*{ty}", "bias": f"*{ty}", "out": f"*{ty}", "M": "i32",
+                                 "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_wk": "i32",
+                                 "stride_om": "i32", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr",
+                                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "INTERPRET": "constexpr"}
+                    signature[unit_stride] = "constexpr"
+                    specs.append(CompileSpec(
+                        name=f"linear[{ty},{layout},BLOCK_N={tiles.block_n},bias={int(has_bias)}]", fn=_matmul_kernel,
+                        signature=signature,
+                        constexprs={unit_stride: 1, "HAS_BIAS": has_bias, "BLOCK_M": tiles.block_m,
+                                    "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "INTERPRET": False},
+                        num_warps=tiles.num_warps, num_stages=tiles.num_stages))
     return specs
