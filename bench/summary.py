@@ -149,8 +149,26 @@ def peer_targets(peer: dict | None) -> list[Target]:
     return out
 
 
-def summary_table(device_name: str, on_gpu: bool, check, compiled, att, e2e) -> str:
-    targets = (check_targets(check) + compile_targets(compiled) + attention_targets(att)
-               + e2e_targets(e2e, on_gpu))
+def invariance_targets(inv: dict | None, on_gpu: bool) -> list[Target]:
+    if not inv:
+        return [Target("batch invariance (bench invariance)", "—", "not run", "n/a")]
+    out = []
+    for r in inv["results"]:
+        dtype = r["dtype"].removeprefix("torch.")
+        if r["path"] == "batch-invariant":
+            out.append(Target(f"{dtype}: alone = in batch, bitwise (batch-invariant path)", "all",
+                              f"{r['equal']}/{r['checked']}", "MET" if r["equal"] == r["checked"] else "MISSED"))
+            out.append(Target(f"{dtype}: cost of invariance vs the vendor BLAS", "<= 10%" if on_gpu else "info",
+                              f"{100 * r['cost']:+.0f}% tok/s",
+                              _status(r["cost"], lambda c: c <= 0.10) if on_gpu else "info"))
+        else:
+            out.append(Target(f"{dtype}: alone = in batch with the vendor BLAS", "info",
+                              f"{r['equal']}/{r['checked']}", "info"))
+    return out
+
+
+def summary_table(device_name: str, on_gpu: bool, check, compiled, att, e2e, inv=None) -> str:
+    targets = (check_targets(check) + compile_targets(compiled) + invariance_targets(inv, on_gpu)
+               + attention_targets(att) + e2e_targets(e2e, on_gpu))
     rows = [[t.what, t.goal, t.measured, t.status] for t in targets]
     return f"## Summary on {device_name}\n\n" + md_table(["target", "goal", "measured", "status"], rows)

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
@@ -23,7 +24,7 @@ if HAVE_TRITON:  # outside the try, so that a broken kernel module fails loudly 
     from . import triton_activation, triton_attention, triton_matmul, triton_rms_norm, triton_rope_kv
 
 __all__ = ["linear", "paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul", "reference",
-           "backend", "use_triton"]
+           "backend", "batch_invariant", "use_triton"]
 
 BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
@@ -46,6 +47,23 @@ def backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
+_invariant_linear = True
+
+
+@contextmanager
+def batch_invariant(enabled: bool) -> Iterator[None]:
+    """Inside `batch_invariant(False)`, linear calls the vendor BLAS as torch does (cuBLAS, MKL, oneDNN), whose
+    kernel choice depends on the number of rows: faster on some shapes, but a row's bits change with its batch.
+    Only for measuring what invariance costs (`python -m bench invariance`); attention and the row-wise kernels
+    are invariant either way."""
+    global _invariant_linear
+    previous, _invariant_linear = _invariant_linear, bool(enabled)
+    try:
+        yield
+    finally:
+        _invariant_linear = previous
+
+
 def use_triton(x: Tensor) -> bool:
     if _backend == "torch":
         return False
@@ -58,6 +76,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Any 2-D weight layout works: nn.Linear's [N, K], or GPT-2's Conv1D [K, N] passed as `conv.weight.t()`.
     """
     _check_linear(x, weight, bias)
+    if not _invariant_linear:
+        return F.linear(x, weight, bias)
     impl = triton_matmul.linear if use_triton(x) else reference.linear
     return impl(x, weight, bias)
 

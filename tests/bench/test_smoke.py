@@ -67,7 +67,7 @@ def test_bench_all_quick(tmp_path):
     env = dict(os.environ, BENCH_RESULTS=str(results), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("OUT", None)
     env.pop("TRITON_INTERPRET", None)  # the runner sets it for the check section itself
-    command = [sys.executable, "-m", "bench", "all", "--quick", "--sections", "check,attention,e2e",
+    command = [sys.executable, "-m", "bench", "all", "--quick", "--sections", "check,invariance,attention,e2e",
                "--model", str(model), "--budget", "600", "--peer-python", str(fake_peer_python(tmp_path))]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = done.stdout + done.stderr
@@ -75,6 +75,11 @@ def test_bench_all_quick(tmp_path):
 
     check = json.loads((results / "check-cpu.json").read_text())
     assert check["total"] > 0 and check["passed"] == check["total"], log[-4000:]
+
+    invariance = json.loads((results / "invariance-cpu.json").read_text())
+    invariant = [r for r in invariance["results"] if r["path"] == "batch-invariant"]
+    assert [r["dtype"] for r in invariant] == ["torch.float32", "torch.bfloat16"], invariance
+    assert all(r["equal"] == r["checked"] and r["tok_s"] > 0 for r in invariant), invariance
 
     attention = json.loads((results / "attention-cpu.json").read_text())
     assert attention["rows"] and all(r.get("ok") and r["ours_ms"] > 0 and "sdpa_ms" in r for r in attention["rows"])
