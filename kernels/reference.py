@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The CPU BLAS (MKL for fp32, oneDNN for half types) picks its kernel by M: below 8 rows a row's bits change with
-# M; from 8 rows on they were the same for every M up to 4500 on every shape measured (x86, torch 2.13). Every
-# call therefore gets at least MIN_ROWS rows. A BLAS that still varies fails the probe below and takes fixed
-# MIN_ROWS-row calls instead, which only ask that a row's position inside one call not matter.
-MIN_ROWS = 16
+# The CPU BLAS (MKL's sgemm) picks its kernel by M: below 8 rows a row's bits change with M (with 1 and 2
+# threads); from 8 rows on they were the same for every M up to 4500 on every shape measured (x86, torch 2.13).
+# Every call therefore gets at least MIN_ROWS rows. A BLAS that still varies fails the probe below and takes
+# fixed MIN_ROWS-row calls instead, which only ask that a row's position inside one call not matter.
+MIN_ROWS = 8
 _PROBE_ROWS = (MIN_ROWS + 3, 4 * MIN_ROWS + 1, 21 * MIN_ROWS + 7)
 _row_invariant_blas: dict[tuple, bool] = {}
 
@@ -119,6 +119,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     m = x.shape[0]
     if x.dtype == torch.float64 or x.is_cuda:
         return F.linear(x, weight, bias)
+    if x.dtype != torch.float32:
+        # Half types compute in fp32 and round once, as the GPU kernel does: on CPUs without native bf16 dot
+        # products torch's half-type GEMM is 3-10x slower than this (measured on AVX2), and it is sgemm's
+        # M-invariance that the probe checks.
+        return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     if not _blas_is_row_invariant(weight, bias):
         return _linear_in_fixed_calls(x, weight, bias)
     if m >= MIN_ROWS:
