@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .engine_config import EngineConfig
 from .prompt_file import InputError, PromptLine, is_seed, read_prompt_file
 from .results_file import Manifest, ResultsFile, ResultsWriter, journal_path
 
@@ -78,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine = gen.add_argument_group("engine")
     engine.add_argument("--dtype", choices=DTYPES, default="auto", help="default: the checkpoint's")
     engine.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    engine.add_argument("--max-num-seqs", type=_positive_int, default=256)
-    engine.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192)
-    engine.add_argument("--block-size", type=_positive_int, default=16)
+    defaults = EngineConfig()   # the engine's defaults, written once there
+    engine.add_argument("--max-num-seqs", type=_positive_int, default=defaults.max_num_seqs)
+    engine.add_argument("--max-num-batched-tokens", type=_positive_int, default=defaults.max_num_batched_tokens)
+    engine.add_argument("--block-size", type=_positive_int, default=defaults.block_size)
     engine.add_argument("--max-model-len", type=_positive_int, default=None)
     scale = gen.add_argument_group('scale-out on a Ray cluster (pip install "batchdecode[ray]")')
     scale.add_argument("--replicas", type=_positive_int, default=None, metavar="N",

@@ -232,10 +232,11 @@ def _engine(model, prompts: list[list[int]], max_new_tokens: int):
     The pool is sized for this call's rows (all at once), not for the device's free memory: the model's
     owner keeps that memory for the rest of their program.
     """
+    from .engine_config import EngineConfig
     from .llm import LLM
 
     slot = model.__dict__.setdefault("_batchdecode_engine", _EngineSlot())
-    block_size = 16
+    block_size = EngineConfig().block_size
     needed = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
     weights = _weights_signature(model)
     if (slot.llm is None or slot.weights != weights or not _same_modules(slot.modules, model)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
+from . import checks, reference
 
 # The Triton modules are named for their implementation (triton_*), so no submodule shadows a function here.
 try:
@@ -75,25 +75,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     Any 2-D weight layout works: nn.Linear's [N, K], or GPT-2's Conv1D [K, N] passed as `conv.weight.t()`.
     """
-    _check_linear(x, weight, bias)
+    checks.check_linear(x, weight, bias)
     if not _invariant_linear:
         return F.linear(x, weight, bias)
     impl = triton_matmul.linear if use_triton(x) else reference.linear
     return impl(x, weight, bias)
 
 
-def _check_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear: x must be [M, K] and weight [N, K]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    if any(t.dtype != x.dtype for t in tensors) or any(t.device != x.device for t in tensors):
-        raise ValueError("linear: x, weight and bias must share one dtype and device; got "
-                         + ", ".join(f"{t.dtype} on {t.device}" for t in tensors))
-
-
 def paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, *, kv_start=None, scale=None) -> Tensor:
+    checks.check_paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start)
     impl = triton_attention.paged_attention if use_triton(q) else reference.paged_attention
     return impl(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start=kv_start, scale=scale)
 

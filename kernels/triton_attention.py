@@ -29,13 +29,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .checks import DTYPES, HEAD_DIMS
 from .compile_spec import CompileSpec
 from .triton_common import INTERPRET, TRITON_DTYPE, device_arch, round_like
 
 SPLIT_TOKENS = 512  # KV tokens per decode split; tests lower it to reach several splits cheaply
 ROW_SEARCH = 128  # cu_q_lens entries a program reads per step while finding its row
-HEAD_DIMS = (64, 80, 96, 128, 256)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
 
 
@@ -277,12 +276,12 @@ def paged_attention(
 ) -> Tensor:
     """Causal attention of packed queries over a paged KV cache; see reference.paged_attention.
 
-    Preconditions the launcher cannot check without a device sync: cu_q_lens[0] == 0,
+    The dispatcher (batchdecode.kernels.paged_attention) checks shapes and dtypes first. Preconditions nothing
+    checks, since that would need a device sync: cu_q_lens[0] == 0,
     cu_q_lens[S] == q.shape[0], kv_lens[s] <= block_table.shape[1] * block_size, and
     kv_lens[s] - q_len_s >= kv_start[s] for every row with queries (otherwise the queries that see no slot
     output zeros). Launches only from host-known shapes: no host synchronisation.
     """
-    _check_inputs(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start)
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_rows, max_pages = block_table.shape
@@ -338,45 +337,6 @@ def _split_buffers(num_rows: int, num_heads: int, num_splits: int, head_dim: int
 
 def _merge_warps(head_dim_pad: int) -> int:
     return max(head_dim_pad // 128, 1)
-
-
-def _check_inputs(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start) -> None:
-    """Cheap checks on host-known shapes and dtypes: a bad call fails here, not inside the kernel."""
-    if q.dim() != 3 or k_cache.dim() != 4:
-        raise ValueError(f"paged_attention: q must be [T, H, D] and k_cache [blocks, block_size, KVH, D]; "
-                         f"got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"paged_attention: v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
-    num_tokens, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, cache_dim = k_cache.shape
-    if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"paged_attention: q, k_cache, v_cache must share one dtype of {DTYPES}; "
-                         f"got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if head_dim not in HEAD_DIMS or cache_dim != head_dim:
-        raise ValueError(f"paged_attention: head dim must be one of {HEAD_DIMS} in q and the cache; "
-                         f"got q {head_dim}, cache {cache_dim}")
-    if num_kv_heads == 0 or num_heads % num_kv_heads:
-        raise ValueError(f"paged_attention: {num_heads} query heads is not a multiple of {num_kv_heads} KV heads")
-    if block_size < 1 or block_size > 256 or block_size & (block_size - 1):
-        raise ValueError(f"paged_attention: block_size must be a power of 2 from 1 to 256; got {block_size}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("paged_attention: k_cache and v_cache must be contiguous")
-    num_rows = block_table.shape[0] if block_table.dim() == 2 else -1
-    metadata = {"block_table": (block_table, 2, None), "cu_q_lens": (cu_q_lens, 1, num_rows + 1),
-                "kv_lens": (kv_lens, 1, num_rows)}
-    if kv_start is not None:
-        metadata["kv_start"] = (kv_start, 1, num_rows)
-    for name, (t, dims, length) in metadata.items():
-        if t.dtype != torch.int32 or t.dim() != dims or (length is not None and t.shape[0] != length):
-            raise ValueError(f"paged_attention: {name} must be int32 with {dims} dim(s)"
-                             + (f" and {length} entries" if length is not None else "")
-                             + f"; got {t.dtype} {tuple(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"paged_attention: {name} is on {t.device}, q on {q.device}")
-    if k_cache.device != q.device or v_cache.device != q.device:
-        raise ValueError(f"paged_attention: the KV cache is on {k_cache.device}, q on {q.device}")
-    if num_rows == 0 and num_tokens > 0:
-        raise ValueError(f"paged_attention: {num_tokens} query tokens but no rows in block_table")
 
 
 def compile_specs(arch: int) -> list[CompileSpec]:

@@ -17,11 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .checks import DTYPES
 from .compile_spec import CompileSpec
 from .triton_common import INTERPRET, TRITON_DTYPE, device_arch, round_like
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 @dataclass(frozen=True)
 class MatmulTiles:

@@ -16,7 +16,7 @@ from batchdecode.batch import ForwardBatch
 
 from .layers import KVCache, linear
 from .limits import context_limit
-from .rotary import build_cos_sin_cache, rope_max_position
+from .rotary import build_cos_sin_cache
 
 
 class LlamaAttention(nn.Module):
@@ -127,15 +127,3 @@ def _check_supported(config: PretrainedConfig) -> None:
     if config.hidden_act != "silu":
         raise ValueError(f"{name}: hidden_act={config.hidden_act!r} is not supported (only 'silu')")
 
-
-def _window_capped(config: PretrainedConfig) -> int:
-    max_position = config.max_position_embeddings
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:  # Qwen2/3: the window applies only to the layers marked sliding
-        slides = window is not None and "sliding_attention" in layer_types
-    else:  # Mistral: every layer slides when a window is set
-        slides = window is not None and getattr(config, "use_sliding_window", True)
-    # Within the window, sliding-window attention is exactly full causal attention (HF's mask keeps
-    # kv > q - window), so capping the context keeps results exact.
-    return min(max_position, window) if slides else max_position

@@ -22,7 +22,7 @@ import batchdecode.kernels
 
 REPO = Path(__file__).resolve().parents[2]
 # Modules of kernels/ that hold no kernel.
-NOT_KERNELS = {"__init__", "reference", "compile_spec", "triton_common"}
+NOT_KERNELS = {"__init__", "reference", "compile_spec", "triton_common", "checks"}
 # Kernels whose every global load and store must move at least 4 bytes a thread (no 1- or 2-byte LDG/STG).
 WIDE_ACCESS_MODULES = {"triton_rope_kv", "triton_rms_norm", "triton_activation"}
 

@@ -275,8 +275,9 @@ def bad_call(**changes) -> dict:
      "contiguous"),
 ])
 def test_rejects_bad_calls(what, call, message):
-    with pytest.raises(ValueError, match=message):  # the launcher itself: the twin does not validate
-        triton_module.paged_attention(**call())
+    for backend in ("auto", "torch"):  # the dispatcher checks for both: the twin refuses what the kernel refuses
+        with kernels.backend(backend), pytest.raises(ValueError, match=message):
+            kernels.paged_attention(**call())
 
 
 @pytest.mark.parametrize("arch", [80, 90])
