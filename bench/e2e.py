@@ -323,7 +323,9 @@ class Report:
     def __init__(self, device: Device, parts: list[str]):
         self.device = device
         self.texts: dict[str, str] = {}
-        self.result: dict = {"device": device.name, "commit": git_commit(), "parts": parts}
+        # BENCH_COMMIT names the commit when the bench runs from an exported tree (no .git)
+        self.result: dict = {"device": device.name, "commit": os.environ.get("BENCH_COMMIT") or git_commit(),
+                             "parts": parts}
 
     def add(self, text: str, result: dict, key: str | None = None) -> None:
         """Add (or, under the same key, replace) one part's text and results, and save the whole report."""
