@@ -33,7 +33,7 @@ def sizes(on_gpu: bool, quick: bool) -> Sizes:
         return Sizes(checked=2, batch=4, check_tokens=4, timed=4, timed_tokens=4)
     if on_gpu:
         return Sizes(checked=8, batch=48, check_tokens=48, timed=256, timed_tokens=64)
-    return Sizes(checked=3, batch=12, check_tokens=12, timed=16, timed_tokens=24)
+    return Sizes(checked=3, batch=12, check_tokens=8, timed=12, timed_tokens=16)
 
 
 def make_llm(model, max_model_len: int):
