@@ -5,7 +5,6 @@ generation tests ask of an attention implementation is here on tiny models: left
 torch.inference_mode(), a compiled forward (fullgraph) equal to eager, masks with holes, right padding without
 a cache, packed sequences and custom 4-D masks.
 """
-import re
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, OlmoConfig
 
-import batchdecode.kernels
 from batchdecode import hf_generate
 from tiny_models import VOCAB_SIZE, tiny_model, tiny_tokenizer
 

@@ -3,7 +3,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import batchdecode.kernels
 from batchdecode import hf_attention, hf_generate, smollm2
 
 pytestmark = pytest.mark.real_model

@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 from tiny_models import VOCAB_SIZE, save_tiny_checkpoint, tiny_config
 from transformers import AutoModelForCausalLM, LlamaForSequenceClassification, OPTConfig, OPTForCausalLM
 
-from batchdecode import kernels
 from batchdecode.models import SUPPORTED_ARCHITECTURES, load_model
 
 ATOL = 1e-4  # float32; observed differences are ~4e-6
