@@ -18,15 +18,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MS = (1, 2, 5, 16, 17, 64, 129)
 
 
-@pytest.fixture(autouse=True)
-def nan_outputs(monkeypatch):
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs) -> Tensor:
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+pytestmark = pytest.mark.usefixtures("nan_outputs")  # tests/kernels/conftest.py
 
 
 def poisoned_rows(x: Tensor, m: int) -> Tensor:
