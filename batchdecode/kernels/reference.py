@@ -36,12 +36,15 @@ def paged_attention(
     *,
     kv_start: Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Causal attention of packed queries over a paged KV cache.
 
     Row s owns queries q[cu_q_lens[s]:cu_q_lens[s+1]]; query j of a row with q_len queries sits at slot
-    kv_lens[s] - q_len + j and attends to slots kv_start[s] .. its own slot. Pages before kv_start's page
-    and past kv_lens are never touched.
+    kv_lens[s] - q_len + j and attends to slots max(kv_start[s], own - window + 1) .. its own slot (window
+    None or 0: from kv_start[s]). Pages before the first visible slot's page and past kv_lens are never touched.
+    softcap (Gemma 2): each score s = scale * q.k becomes softcap * tanh(s / softcap) before the softmax.
 
     Every query takes one arithmetic, whether it is a decode row, one query of a prompt chunk or of a whole
     prompt: its (query, slot) pairs are listed in slot order, a score is a sum over D of one pair's products,
@@ -54,20 +57,23 @@ def paged_attention(
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
-    row, start, count = _visible_slots(cu_q_lens, kv_lens, kv_start, num_tokens)
+    row, start, count = _visible_slots(cu_q_lens, kv_lens, kv_start, num_tokens, window)
     for lo, hi in _query_groups(count):
-        out[lo:hi] = _attend(q[lo:hi], k_cache, v_cache, block_table[row[lo:hi]], start[lo:hi], count[lo:hi], scale)
+        out[lo:hi] = _attend(q[lo:hi], k_cache, v_cache, block_table[row[lo:hi]], start[lo:hi], count[lo:hi], scale,
+                             softcap)
     return out
 
 
 def _visible_slots(cu_q_lens: Tensor, kv_lens: Tensor, kv_start: Tensor | None,
-                   num_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+                   num_tokens: int, window: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per query token: its row, the first slot it sees, and how many slots (int64 [T] each)."""
     q_lens = (cu_q_lens[1:] - cu_q_lens[:-1]).long()
     row = torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), q_lens, output_size=num_tokens)
     index_in_row = torch.arange(num_tokens, device=row.device) - cu_q_lens[:-1].long()[row]
     own_slot = (kv_lens.long() - q_lens)[row] + index_in_row
     start = torch.zeros_like(own_slot) if kv_start is None else kv_start.long()[row]
+    if window:
+        start = torch.maximum(start, own_slot - window + 1)
     count = (own_slot + 1 - start).clamp(min=0)
     return row, start, count
 
@@ -85,7 +91,7 @@ def _query_groups(count: Tensor) -> list[tuple[int, int]]:
 
 
 def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor, start: Tensor, count: Tensor,
-            scale: float) -> Tensor:
+            scale: float, softcap: float | None = None) -> Tensor:
     """Attention of queries q [n, H, D]: query i sees slots start[i] .. start[i] + count[i] - 1 of its row,
     whose pages are pages[i]."""
     num_queries, num_heads, head_dim = q.shape
@@ -100,6 +106,8 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor, start: T
     v = v_cache.view(-1, num_kv_heads * head_dim).index_select(0, flat_slot).view(-1, num_kv_heads, 1, head_dim)
     qs = q.to(acc).view(num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = (qs.index_select(0, query) * k.to(acc)).sum(-1) * scale                        # [P, KVH, G]
+    if softcap:  # torch's CPU tanh gives an element the same bits wherever it sits in the tensor (unlike gelu)
+        scores = torch.tanh(scores / softcap) * softcap
     segment = query.view(-1, 1, 1).expand_as(scores)
     query_max = scores.new_full(qs.shape[:-1], float("-inf")).scatter_reduce(0, segment, scores, "amax")
     weights = torch.exp(scores - query_max.index_select(0, query))
