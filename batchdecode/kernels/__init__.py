@@ -82,10 +82,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return impl(x, weight, bias)
 
 
-def paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, *, kv_start=None, scale=None) -> Tensor:
+def paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, *, kv_start=None, scale=None, window=None,
+                    softcap=None) -> Tensor:
+    """window: a query sees slots max(kv_start, own - window + 1) .. own (None or 0: all from kv_start);
+    softcap: scores become softcap * tanh(score / softcap) (None or 0: none). See reference.paged_attention."""
     checks.check_paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start)
+    if use_triton(q):
+        checks.check_triton_head_dim(q.shape[-1])
     impl = triton_attention.paged_attention if use_triton(q) else reference.paged_attention
-    return impl(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start=kv_start, scale=scale)
+    return impl(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start=kv_start, scale=scale, window=window,
+                softcap=softcap)
 
 
 def rope_and_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, *,

@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-HEAD_DIMS = (64, 80, 96, 128, 256)  # paged_attention's head dims
+# The Triton attention kernel holds a query's head dim in one register tile, padded to a power of two; 256 is the
+# largest that fits. The twin has no limit. Models over it are refused when they load (models.check_servable).
+MAX_TRITON_HEAD_DIM = 256
 
 
 def check_paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start) -> None:
@@ -21,9 +23,9 @@ def check_paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, 
     if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"paged_attention: q, k_cache, v_cache must share one dtype of {DTYPES}; "
                          f"got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if head_dim not in HEAD_DIMS or cache_dim != head_dim:
-        raise ValueError(f"paged_attention: head dim must be one of {HEAD_DIMS} in q and the cache; "
-                         f"got q {head_dim}, cache {cache_dim}")
+    if head_dim < 1 or cache_dim != head_dim:
+        raise ValueError(f"paged_attention: q and the cache must share one head dim; got q {head_dim}, "
+                         f"cache {cache_dim}")
     if num_kv_heads == 0 or num_heads % num_kv_heads:
         raise ValueError(f"paged_attention: {num_heads} query heads is not a multiple of {num_kv_heads} KV heads")
     if block_size < 1 or block_size > 256 or block_size & (block_size - 1):
@@ -57,3 +59,9 @@ def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if any(t.dtype != x.dtype for t in tensors) or any(t.device != x.device for t in tensors):
         raise ValueError("linear: x, weight and bias must share one dtype and device; got "
                          + ", ".join(f"{t.dtype} on {t.device}" for t in tensors))
+
+
+def check_triton_head_dim(head_dim: int) -> None:
+    if head_dim > MAX_TRITON_HEAD_DIM:
+        raise ValueError(f"paged_attention: the Triton kernel serves head dims up to {MAX_TRITON_HEAD_DIM}; "
+                         f"got {head_dim}")

@@ -29,12 +29,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import DTYPES, HEAD_DIMS
+from .checks import DTYPES, MAX_TRITON_HEAD_DIM
 from .compile_spec import CompileSpec
 from .triton_common import INTERPRET, TRITON_DTYPE, device_arch, round_like
 
 SPLIT_TOKENS = 512  # KV tokens per decode split; tests lower it to reach several splits cheaply
 ROW_SEARCH = 128  # cu_q_lens entries a program reads per step while finding its row
+# Head dims the compile report builds: every padded size from 16 to the largest, and the dims models use that are
+# not powers of two. Any other dim up to MAX_TRITON_HEAD_DIM takes the same tile as its padded size.
+COMPILED_HEAD_DIMS = (8, 16, 32, 48, 64, 80, 96, 112, 128, 160, 192, MAX_TRITON_HEAD_DIM)
 LOG2E = 1.4426950408889634
 
 
@@ -46,6 +49,12 @@ class TileConfig:
     num_stages: int
 
 
+def pad_head_dim(head_dim: int) -> int:
+    """The head dim a tile holds: the next power of two, at least 16 (the smallest K of a tensor-core dot).
+    Loads and stores mask the padding, so no byte past the head dim is read or written."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def tile_config(dtype: torch.dtype, head_dim_pad: int, arch: int) -> TileConfig:
     """Per dtype, padded head dim and GPU architecture only, never per batch, so a row's arithmetic never changes.
 
@@ -55,12 +64,12 @@ def tile_config(dtype: torch.dtype, head_dim_pad: int, arch: int) -> TileConfig:
     fp32 runs an exact FMA dot (no tf32) on 16-row tiles.
     """
     if dtype == torch.float32:
-        block_n = 32 if head_dim_pad == 64 else 16
+        block_n = 32 if head_dim_pad <= 64 else 16
         return TileConfig(block_m=16, block_n=block_n, num_warps=4, num_stages=3)
     if head_dim_pad == 256:
         return TileConfig(block_m=32, block_n=32, num_warps=8, num_stages=2)
     if arch >= 90:
-        return TileConfig(block_m=64, block_n=64, num_warps=4 if head_dim_pad == 64 else 8, num_stages=3)
+        return TileConfig(block_m=64, block_n=64, num_warps=4 if head_dim_pad <= 64 else 8, num_stages=3)
     return TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
 
@@ -292,7 +301,7 @@ def paged_attention(
         q = q.contiguous()
 
     group = num_heads // num_kv_heads
-    head_dim_pad = triton.next_power_of_2(head_dim)
+    head_dim_pad = pad_head_dim(head_dim)
     cfg = tile_config(q.dtype, head_dim_pad, device_arch(q.device))
     group_block = min(triton.next_power_of_2(group), cfg.block_m)
     head_chunks = triton.cdiv(group, group_block)
@@ -340,15 +349,16 @@ def _merge_warps(head_dim_pad: int) -> int:
 
 
 def compile_specs(arch: int) -> list[CompileSpec]:
-    """Every kernel configuration the launcher can pick on sm_{arch}: one per (dtype, head dim) for each kernel.
+    """The kernel configurations the launcher picks on sm_{arch}: one per (dtype, head dim) for each kernel, for
+    the head dims of COMPILED_HEAD_DIMS.
 
     Group size, page size, batch shape and kv_start are runtime arguments, so they add no variants.
     """
     specs = []
     for dtype in DTYPES:
         ty = TRITON_DTYPE[dtype]
-        for head_dim in HEAD_DIMS:
-            pad = triton.next_power_of_2(head_dim)
+        for head_dim in COMPILED_HEAD_DIMS:
+            pad = pad_head_dim(head_dim)
             cfg = tile_config(dtype, pad, arch)
             specs.append(CompileSpec(
                 name=f"paged_attention[{ty},D={head_dim}]", fn=_paged_attention_kernel,

@@ -231,6 +231,8 @@ MODEL_SHAPES = [
     ("stablelm-3b", 32, 32, 80, 20, True),
     ("gemma-2b", 8, 1, 256, 256, True),
     ("gpt-j-6b", 16, 16, 256, 64, False),
+    ("hf-tiny-test", 4, 2, 8, 8, True),  # transformers' own tiny test models: head dim 8
+    ("head-dim-48", 8, 2, 48, 48, True),
 ]
 
 

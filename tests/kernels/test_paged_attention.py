@@ -143,6 +143,12 @@ CASES = [  # dtype, heads, kv_heads, head_dim, block_size, mode
     (BF16, 3, 3, 256, 16, "decode"),
     (BF16, 2, 2, 64, 256, "chunked"),
     (BF16, 4, 2, 128, 64, "prefill"),
+    # head dims that are no tile size: padded to the next power of two (at least 16) with masked loads
+    (F32, 4, 2, 8, 16, "prefill"),  # transformers' own tiny test models
+    (BF16, 4, 2, 16, 4, "chunked"),
+    (F16, 6, 2, 48, 16, "decode"),
+    (BF16, 2, 1, 112, 8, "prefill"),
+    (F32, 2, 2, 160, 16, "chunked"),
 ]
 
 
@@ -255,8 +261,6 @@ def bad_call(**changes) -> dict:
 
 @pytest.mark.parametrize("what,call,message", [
     ("heads not a multiple of kv heads", lambda: bad_call(q=torch.randn(1, 3, 64).half()), "multiple"),
-    ("head dim 72", lambda: bad_call(q=torch.randn(1, 4, 72).half(), k_cache=torch.randn(4, 16, 2, 72).half(),
-                                     v_cache=torch.randn(4, 16, 2, 72).half()), "head dim"),
     ("q and cache head dims differ", lambda: bad_call(q=torch.randn(1, 4, 128).half()), "head dim"),
     ("block size 12", lambda: bad_call(k_cache=torch.randn(4, 12, 2, 64).half(),
                                        v_cache=torch.randn(4, 12, 2, 64).half()), "block_size"),
@@ -280,11 +284,23 @@ def test_rejects_bad_calls(what, call, message):
             kernels.paged_attention(**call())
 
 
+def test_head_dims_over_the_tile_are_refused_by_the_kernel_only():
+    """Over 256 the Triton kernel has no tile (models that need it are refused when they load, on the GPU); the
+    twin serves any head dim."""
+    call = pack([random_row(2, 20, 0, 4, 2, 320, F32)], 16)
+    with kernels.backend("auto"), pytest.raises(ValueError, match="head dims up to 256; got 320"):
+        kernels.paged_attention(**call)
+    with kernels.backend("torch"):
+        assert_within_bound(kernels.paged_attention(**call), exact(call), reference.paged_attention(**call),
+                            "paged_attention")
+
+
 @pytest.mark.parametrize("arch", [80, 90])
 def test_compile_specs_cover_every_choice(arch):
     """One attention and one merge spec per dtype and head dim, each naming exactly the kernel's arguments."""
     specs = triton_module.compile_specs(arch)
-    assert len(specs) == 2 * len(triton_module.DTYPES) * len(triton_module.HEAD_DIMS)
+    assert len(specs) == 2 * len(triton_module.DTYPES) * len(triton_module.COMPILED_HEAD_DIMS)
+    assert {triton_module.pad_head_dim(d) for d in triton_module.COMPILED_HEAD_DIMS} == {16, 32, 64, 128, 256}
     for spec in specs:
         assert list(spec.signature) == spec.fn.arg_names, spec.name
         assert set(spec.constexprs) == {n for n, kind in spec.signature.items() if kind == "constexpr"}, spec.name
