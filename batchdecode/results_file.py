@@ -7,15 +7,21 @@ out.jsonl.batchdecode  the journal. Line 1 records what produced the results (in
                        kill loses no finished work even while an early request still runs. A finished run keeps
                        only line 1, which tells a rerun its own output from anything else.
 
-A run holds an exclusive lock on the journal from start to end, so two runs never write one output. Only a file
-with a journal beside it is batchdecode's: any other existing file is refused, never touched, unless --overwrite.
-A rerun resumes only when line 1 matches what it would produce itself.
+A run holds an exclusive lock on the journal from start to end, so two runs never write one output. The lock is
+taken on the real file: the output's path is resolved (a symlink to it names the same journal) and the output
+file itself is locked too while it exists (a hard link to it is the same inode). Only a file with a journal beside
+it is batchdecode's: any other existing file is refused, never touched, unless --overwrite. The journal itself is
+never a link (opened with O_NOFOLLOW) and never another program's file: one that is not a journal is refused even
+with --overwrite. A rerun resumes only when line 1 matches what it would produce itself, and every later line
+is checked to be a result of this input before anything counts as done.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,16 +66,20 @@ class ResultsFile:
     until `writer()`, so a run that fails before generating leaves the files as they were."""
 
     def __init__(self, output: Path, ids: list[str | int], manifest: Manifest, *, overwrite: bool):
-        self.output, self.path, self.manifest = output, journal_path(output), manifest
-        if output.is_dir():
+        self.output, self.manifest = output, manifest            # `output` as the user named it, for messages
+        self.real = Path(os.path.realpath(output))                # the file itself: links resolved
+        self.path = journal_path(self.real)
+        if self.real.is_dir():
             raise InputError(f"--output {output} is a folder")
-        if output.exists() and not os.access(output, os.W_OK):
+        if self.real.exists() and not os.access(self.real, os.W_OK):
             raise InputError(f"--output {output}: not writable")
-        self.journal = _locked(self.path, output)
+        self.journal, self.created = _locked(self.path, output)
+        self.output_lock: IO[bytes] | None = None
         self.written = 0                    # leading results already in the output file
         self.journaled: dict[int, dict] = {}
         self._cut_output = self._cut_journal = 0
         try:
+            self._lock_output()
             self.fresh = self._read(ids, overwrite)
         except BaseException:
             self.release()
@@ -85,12 +95,13 @@ class ResultsFile:
             self.journal.truncate(0)
             self.journal.write(self.manifest.line().encode())
             self.journal.flush()
-            output = open(self.output, "w", encoding="utf-8")
+            output = open(self.real, "w", encoding="utf-8")
         else:
             self.journal.truncate(self._cut_journal)
-            with open(self.output, "r+b") as f:
+            with open(self.real, "r+b") as f:
                 f.truncate(self._cut_output)
-            output = open(self.output, "a", encoding="utf-8")
+            output = open(self.real, "a", encoding="utf-8")
+        self._lock_output()
         return ResultsWriter(output, self.written, journal=self.journal, journaled=self.journaled)
 
     def complete(self) -> None:
@@ -101,17 +112,30 @@ class ResultsFile:
 
     def release(self) -> None:
         # A journal this run created and never wrote is removed, so a failed run leaves nothing behind.
-        if os.fstat(self.journal.fileno()).st_size == 0:
+        if self.created and os.fstat(self.journal.fileno()).st_size == 0:
             self.path.unlink(missing_ok=True)
+        if self.output_lock is not None:
+            self.output_lock.close()
         self.journal.close()   # closing drops the lock
+
+    def _lock_output(self) -> None:
+        """Lock the output file's inode too, once it exists: another name for it (a hard link) has another
+        journal path, but the same inode."""
+        if self.output_lock is not None or not self.real.is_file():
+            return
+        self.output_lock = open(self.real, "rb")
+        try:
+            fcntl.flock(self.output_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(_busy(self.output, "the file")) from None
 
     def _read(self, ids: list[str | int], overwrite: bool) -> bool:
         """Whether the run starts afresh; InputError when the output is not ours to resume or replace."""
-        if overwrite or not self.output.exists():   # (a deleted output starts over, whatever the journal holds)
+        old, entries, self._cut_journal = _read_journal(self.journal, self.path)   # only a journal is truncated
+        if overwrite or not self.real.exists():   # (a deleted output starts over, whatever the journal holds)
             return True
-        old, self.journaled, self._cut_journal = _read_journal(self.journal, self.path)
         if old is None:
-            if self.output.stat().st_size > 0:
+            if self.real.stat().st_size > 0:
                 raise InputError(f"--output {self.output} exists and batchdecode did not write it (no "
                                  f"{self.path.name} beside it); choose another --output, or pass --overwrite "
                                  "to replace it")
@@ -120,7 +144,8 @@ class ResultsFile:
         if mismatch:
             raise InputError(f"--output {self.output} holds results of another run ({mismatch}); pass "
                              "--overwrite to replace it, or choose another --output")
-        self.written, self._cut_output = _written_prefix(self.output, ids)
+        self.written, self._cut_output = _written_prefix(self.real, ids)
+        self.journaled = _journaled_results(entries, ids, self.path)
         return False
 
 
@@ -170,40 +195,95 @@ class ResultsWriter:
         self.last_fsync = time.monotonic()
 
 
-def _locked(path: Path, output: Path) -> IO[bytes]:
-    """The journal, opened (created if missing) and exclusively locked; InputError if another run holds it."""
+def _locked(path: Path, output: Path) -> tuple[IO[bytes], bool]:
+    """(the journal, opened or created and exclusively locked; whether this run created it). InputError if another
+    run holds it, or if it is a link or not a regular file: it is never followed, so never another file."""
     while True:
-        journal = open(path, "a+b")   # every write appends, after any truncate
+        journal, created = _open_journal(path, output)
         try:
             fcntl.flock(journal, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             journal.close()
-            raise InputError(f"--output {output}: another batchdecode run is writing it (it holds the lock on "
-                             f"{path.name}); wait for it to finish, or choose another --output") from None
+            raise InputError(_busy(output, path.name)) from None
         try:
-            if os.stat(path).st_ino == os.fstat(journal.fileno()).st_ino:
-                return journal
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(journal.fileno()).st_ino:
+                return journal, created
         except FileNotFoundError:
             pass
         journal.close()   # a run that failed removed it between our open and our lock: lock the new one
 
 
-def _read_journal(journal: IO[bytes], path: Path) -> tuple[dict | None, dict[int, dict], int]:
-    """(line 1 or None, {input index: result}, length of its whole lines); a torn last line is ignored."""
+def _open_journal(path: Path, output: Path) -> tuple[IO[bytes], bool]:
+    # O_APPEND: every write appends, after any truncate. O_NONBLOCK: a FIFO put there cannot hang the open.
+    flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    created = True
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        created = False
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise InputError(f"--output {output}: {path} is a symbolic link; batchdecode never writes through one "
+                             "there. Remove it, or choose another --output") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"--output {output}: {path} exists and is not a regular file; remove it, or choose "
+                         "another --output")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "r+b"), created
+
+
+def _busy(output: Path, what: str) -> str:
+    return (f"--output {output}: another batchdecode run is writing it (it holds the lock on {what}); wait for it "
+            "to finish, or choose another --output")
+
+
+def _read_journal(journal: IO[bytes], path: Path) -> tuple[dict | None, list[bytes], int]:
+    """(line 1 or None, the later lines, length of the whole lines); a torn last line is ignored. InputError
+    unless line 1 is a journal's header: no other file is ever truncated."""
     journal.seek(0)
     data = journal.read()
     whole = data.rfind(b"\n") + 1            # bytes after the last newline are a line cut short by a crash
     lines = data[:whole].split(b"\n")[:-1]
     if not lines:
-        return None, {}, 0
+        if data:   # batchdecode writes line 1 whole, at once: bytes without a newline are another program's
+            raise InputError(_not_a_journal(path, "it is not"))
+        return None, [], 0
     try:
         header = json.loads(lines[0])
         if header.get("format") != FORMAT:
             raise ValueError(header.get("format"))
-        entries = [json.loads(raw) for raw in lines[1:]]
-        return header, {entry["index"]: entry["result"] for entry in entries}, whole
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"{path} is not a batchdecode journal; delete it or choose another --output") from None
+    except (ValueError, AttributeError):
+        raise InputError(_not_a_journal(path, "it is not")) from None
+    return header, lines[1:], whole
+
+
+def _journaled_results(lines: list[bytes], ids: list[str | int], path: Path) -> dict[int, dict]:
+    """{input index: result} of a journal's result lines; InputError for a line that is not a result of this
+    input (an index past its end, another request's id, not an entry): a damaged journal never counts as done."""
+    results = {}
+    for number, raw in enumerate(lines, start=2):
+        try:
+            entry = json.loads(raw)
+            index, result = entry["index"], entry["result"]
+            valid = (isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(ids)
+                     and isinstance(result, dict) and id_key(result["id"]) == id_key(ids[index]))
+        except (ValueError, KeyError, TypeError):
+            valid = False
+        if not valid:
+            raise InputError(f"{path}: line {number} is not a result of this input's {len(ids)} requests, so the "
+                             "journal is damaged and cannot tell what is done; pass --overwrite to start over, or "
+                             "choose another --output")
+        results[index] = result
+    return results
+
+
+def _not_a_journal(path: Path, why: str) -> str:
+    return (f"{path} is not a batchdecode journal of this input ({why}); batchdecode never truncates a file it did "
+            "not write: move it away, or choose another --output")
 
 
 def _written_prefix(path: Path, ids: list[str | int]) -> tuple[int, int]:

@@ -142,3 +142,69 @@ def test_nan_is_never_written(tmp_path, bad):
     assert journal_indices(path) == [1]
     for line in journal_path(path).read_text().splitlines():
         json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the journal"))
+
+
+# issue 19: the lock is on the real file, the journal is never a link or another program's file, and every
+# journal line is checked before anything counts as done.
+
+def test_a_second_run_through_a_symlink_or_a_hard_link_is_refused(tmp_path):
+    path = tmp_path / "out.jsonl"
+    first = open_results(path)                           # a first run, still running (this process holds it)
+    first.writer().add(0, {"id": "a"})
+    (tmp_path / "link.jsonl").symlink_to(path)
+    with pytest.raises(InputError, match="another batchdecode run is writing it"):
+        open_results(tmp_path / "link.jsonl")
+    (tmp_path / "dir").symlink_to(tmp_path)              # a link to the folder names the same file too
+    with pytest.raises(InputError, match="another batchdecode run is writing it"):
+        open_results(tmp_path / "dir" / "out.jsonl")
+    (tmp_path / "hard.jsonl").hardlink_to(path)          # another name for the same inode
+    with pytest.raises(InputError, match="another batchdecode run is writing it"):
+        open_results(tmp_path / "hard.jsonl")
+    first.release()
+    rerun = open_results(tmp_path / "link.jsonl")        # the link resumes the real file's journal
+    assert rerun.done() == {0}
+    rerun.release()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_symlink_at_the_journal_path_is_never_followed(tmp_path, overwrite):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    path = tmp_path / "out.jsonl"
+    journal_path(path).symlink_to(victim)
+    with pytest.raises(InputError, match="symbolic link"):
+        open_results(path, overwrite=overwrite)
+    assert victim.read_text() == "precious\n" and journal_path(path).is_symlink() and not path.exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_journal_path_holding_another_programs_file_is_never_truncated(tmp_path, overwrite):
+    path = tmp_path / "out.jsonl"
+    journal_path(path).write_text("my notes\nmore notes\n")
+    with pytest.raises(InputError, match="not a batchdecode journal"):
+        open_results(path, overwrite=overwrite)
+    assert journal_path(path).read_text() == "my notes\nmore notes\n"
+
+
+@pytest.mark.parametrize("entry", [
+    {"index": 10, "result": {"id": "x"}},                # past the input's end: it once counted as done
+    {"index": -1, "result": {"id": "e"}},
+    {"index": 1, "result": {"id": "z"}},                 # another request's result
+    {"index": "1", "result": {"id": "b"}},
+    {"index": 1},
+    [1, 2],
+])
+def test_a_damaged_journal_never_claims_completion(tmp_path, entry):
+    path = tmp_path / "out.jsonl"
+    results = open_results(path)
+    writer = results.writer()
+    for index in range(4):
+        writer.add(index, {"id": IDS[index]})
+    results.release()                                    # killed with one request left
+    with open(journal_path(path), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    before = journal_path(path).read_bytes()
+    with pytest.raises(InputError, match="line 6 is not a result of this input's 5 requests.*--overwrite"):
+        open_results(path)
+    assert journal_path(path).read_bytes() == before     # the evidence is kept
+    assert open_results(path, overwrite=True).done() == set()
