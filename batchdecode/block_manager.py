@@ -37,7 +37,9 @@ class BlockManager:
     def cached_prefix(self, seq: Sequence) -> tuple[list[int], bool]:
         """A waiting seq's cached prefix pages, and whether it should wait for the next page, now being computed."""
         assert not seq.block_table
-        return self.cache.match(seq) if self.cache is not None else ([], False)
+        if self.cache is None or seq.scores_prompt:   # prompt logprobs need every prompt token's logits
+            return [], False
+        return self.cache.match(seq)
 
     def can_allocate(self, seq: Sequence, num_tokens: int, prefix: list[int] | None = None) -> bool:
         """Whether seq's pages (starting with the cached prefix pages, for a waiting seq) can grow to num_tokens."""

@@ -21,6 +21,7 @@ from .engine_config import EngineConfig
 from .model_runner import ModelRunner
 from .models import load_model
 from .outputs import CompletionOutput, EngineStats, RequestOutput
+from .prompt_logprobs import fill_decoded_tokens
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -177,9 +178,11 @@ class LLM:
     def _output(self, seqs: list[Sequence]) -> RequestOutput:
         """One request's output from its finished completions, in completion order."""
         first = seqs[0]
+        if first.prompt_logprobs is not None and self.tokenizer is not None:
+            fill_decoded_tokens(first.prompt_logprobs, self.tokenizer)
         return RequestOutput(index=first.index, prompt=first.prompt,
                              prompt_token_ids=first.token_ids[:first.num_prompt_tokens],
-                             outputs=[self._completion(seq) for seq in seqs])
+                             outputs=[self._completion(seq) for seq in seqs], prompt_logprobs=first.prompt_logprobs)
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
         cumulative = None if seq.logprobs is None else sum(lp.logprob for lp in seq.logprobs)

@@ -18,7 +18,8 @@ from .batch import ForwardBatch
 from .cuda_graphs import DecodeGraphs
 from .engine_config import EngineConfig
 from .outputs import TokenLogprobs
-from .sampler import SamplerOutput, SamplingTensors, sample
+from .prompt_logprobs import record, scored_positions
+from .sampler import LogprobsTensors, SamplerOutput, SamplingTensors, sample, token_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -119,21 +120,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """Compute the scheduled tokens; return the sampled token (and logprobs) of each row in batch.sampled_seqs."""
-        output = self._forward_and_sample(batch)
-        return ([], []) if output is None else self._to_host(batch.sampled_seqs, output)
+        """Compute the scheduled tokens; return the sampled token (and logprobs) of each row in batch.sampled_seqs.
+        The prompt tokens this step scores (SamplingParams.prompt_logprobs) go to their seq.prompt_logprobs."""
+        output, scores = self._forward_and_sample(batch)
+        return self._to_host(batch, output, scores)
 
-    def _forward_and_sample(self, batch: ScheduledBatch) -> SamplerOutput | None:
-        """The model's step, then the sampler's over the rows that sample (None when none does); no host sync."""
+    def _forward_and_sample(self, batch: ScheduledBatch) -> tuple[SamplerOutput | None, LogprobsTensors | None]:
+        """The model's step, then the sampler's over the rows that sample (None when none does) and the scores of
+        the prompt tokens the step scores (None when none); no host sync."""
         sampled_seqs = batch.sampled_seqs
         graph_size = self._graph_size(batch)
-        if graph_size is not None:
+        scored = [scored_positions(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+        if graph_size is not None:   # a decode step scores no prompt token
             logits = self.graphs.replay(self.prepare_inputs(batch, graph_size))[:len(sampled_seqs)]
         else:
-            logits = self.model(self.prepare_inputs(batch), self.kv_caches)
-        if not sampled_seqs:
-            return None
-        return sample(logits, SamplingTensors.from_seqs(sampled_seqs, self.model.vocab_size, self.device))
+            logits = self.model(self.prepare_inputs(batch, scored=scored), self.kv_caches)
+        output = scores = None
+        if sampled_seqs:
+            params = SamplingTensors.from_seqs(sampled_seqs, self.model.vocab_size, self.device)
+            output = sample(logits[:len(sampled_seqs)], params)
+        if any(scored):
+            scores = self._score_prompt_tokens(batch, scored, logits[len(sampled_seqs):])
+        return output, scores
+
+    def _score_prompt_tokens(self, batch: ScheduledBatch, scored: list[range], logits: Tensor) -> LogprobsTensors:
+        """The logprobs of the prompt tokens that the logits rows (the scored positions, in batch order) predict."""
+        targets = _int64(list(chain.from_iterable(seq.token_ids[r.start + 1:r.stop + 1]
+                                                  for seq, r in zip(batch.seqs, scored) if r)))
+        k = min(max(seq.params.prompt_logprobs for seq, r in zip(batch.seqs, scored) if r), self.model.vocab_size)
+        (targets,) = self._to_device(targets)
+        return token_logprobs(logits, targets, k)
 
     def _graph_size(self, batch: ScheduledBatch) -> int | None:
         """A captured graph's size when this is a decode step (one token per row, every row sampling)."""
@@ -141,9 +157,11 @@ class ModelRunner:
             return None
         return self.graphs.size_for(len(batch.seqs))
 
-    def prepare_inputs(self, batch: ScheduledBatch, num_rows: int | None = None) -> ForwardBatch:
+    def prepare_inputs(self, batch: ScheduledBatch, num_rows: int | None = None,
+                       scored: list[range] | None = None) -> ForwardBatch:
         """The step's metadata. num_rows pads the batch to a graph's size with rows of one token that writes
-        no K/V (slot -1) and sees none (kv_len 0)."""
+        no K/V (slot -1) and sees none (kv_len 0). scored: each row's positions whose logits score a prompt token;
+        their logits rows follow the sampling rows'."""
         seqs = batch.seqs
         num_pad = 0 if num_rows is None else num_rows - len(seqs)
         starts = [seq.num_cached_tokens for seq in seqs] + [0] * num_pad
@@ -166,6 +184,10 @@ class ModelRunner:
         # a sampling row's logits come from its last token this step; a graph computes its pad rows' too (dropped)
         samples = torch.tensor(batch.samples + [True] * num_pad)
         logits_indices = (cu_q_lens[1:] - 1)[samples]
+        if scored is not None and any(scored):
+            logits_indices = torch.cat([logits_indices, _int64(list(chain.from_iterable(
+                range(int(cu_q_lens[i]) + r.start - start, int(cu_q_lens[i]) + r.stop - start)
+                for i, (r, start) in enumerate(zip(scored, starts)) if r)))])
         input_ids, positions, slot_mapping, cu_q_lens, kv_lens, logits_indices, block_table = self._to_device(
             input_ids, positions, slot_mapping, cu_q_lens, kv_lens, logits_indices, block_table)
         return ForwardBatch(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
@@ -187,23 +209,41 @@ class ModelRunner:
     def _to_device(self, *tensors: Tensor) -> list[Tensor]:
         return to_device(self.device, *tensors)
 
-    def _to_host(self, seqs: list[Sequence], output: SamplerOutput) -> tuple[list[int], list[TokenLogprobs | None]]:
-        tensors = [output.token_ids]
-        if output.logprobs is not None:
-            tensors += [output.logprobs, output.top_token_ids, output.top_logprobs]
+    def _to_host(self, batch: ScheduledBatch, output: SamplerOutput | None,
+                 scores: LogprobsTensors | None) -> tuple[list[int], list[TokenLogprobs | None]]:
+        tensors = [] if output is None else [output.token_ids]
+        if output is not None and output.logprobs is not None:
+            tensors += [output.logprobs, output.ranks, output.top_token_ids, output.top_logprobs]
+        if scores is not None:
+            tensors += [scores.logprobs, scores.ranks, scores.top_token_ids, scores.top_logprobs]
         host = [t.to("cpu", non_blocking=True) for t in tensors]
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()   # the step's one host sync
+        if scores is not None:
+            self._record_scores(batch, [t.tolist() for t in host[-4:]])
+        if output is None:
+            return [], []
+        seqs = batch.sampled_seqs
         token_ids = host[0].tolist()
         _check_finite(seqs, token_ids)
         if output.logprobs is None:
             return token_ids, [None] * len(seqs)
-        chosen, top_ids, top_lps = (t.tolist() for t in host[1:])
+        chosen, ranks, top_ids, top_lps = (t.tolist() for t in host[1:5])
         logprobs = [None if seq.params.logprobs is None else
                     TokenLogprobs(token_ids[i], chosen[i], dict(zip(top_ids[i][:seq.params.logprobs],
-                                                                     top_lps[i][:seq.params.logprobs])))
+                                                                     top_lps[i][:seq.params.logprobs])), ranks[i])
                     for i, seq in enumerate(seqs)]
         return token_ids, logprobs
+
+    @staticmethod
+    def _record_scores(batch: ScheduledBatch, scores: list[list]) -> None:
+        """Hand each scoring row its slice of the scored positions' host lists (they follow in batch order)."""
+        offset = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            positions = scored_positions(seq, n)
+            if positions:
+                record(seq, positions, *(column[offset:offset + len(positions)] for column in scores))
+                offset += len(positions)
 
 def _check_finite(seqs: list[Sequence], token_ids: list[int]) -> None:
     """The sampler marks a row whose logits were not finite with token id -1: stop, naming the requests."""

@@ -15,27 +15,31 @@ class Logprob:
     """vLLM's per-token entry: the log-probability and the rank in the vocabulary (1 = most likely)."""
 
     logprob: float
-    rank: int | None = None           # None for a chosen token outside the top N (its rank is not computed)
-    decoded_token: str | None = None  # not filled in
+    rank: int | None = None           # 1 + the number of tokens strictly more likely
+    decoded_token: str | None = None  # the token's text, in prompt_logprobs when the LLM has a tokenizer
 
 
 @dataclass(slots=True)
 class TokenLogprobs(Mapping):
-    """Log-probabilities around one generated token, under the model's raw distribution (no temperature).
+    """Log-probabilities around one generated (or, in prompt_logprobs, prompt) token, under the model's raw
+    distribution (no temperature, no penalties).
 
     It is also a mapping token id -> Logprob over the chosen token and the top N, as vLLM's logprobs dicts are.
     """
 
-    token_id: int                    # the generated token
+    token_id: int                    # the generated (or prompt) token
     logprob: float                   # its log-probability
     top_logprobs: dict[int, float]   # the N most likely tokens (N = SamplingParams.logprobs), most likely first
+    rank: int | None = None          # the token's rank (1 = most likely)
+    decoded_tokens: dict[int, str] | None = None   # token id -> text, where filled in (prompt_logprobs)
 
     def __getitem__(self, token_id: int) -> Logprob:
+        decoded = None if self.decoded_tokens is None else self.decoded_tokens.get(token_id)
+        if token_id == self.token_id:
+            return Logprob(self.logprob, self.rank, decoded)
         for rank, (top_id, logprob) in enumerate(self.top_logprobs.items(), start=1):
             if top_id == token_id:
-                return Logprob(logprob, rank)
-        if token_id == self.token_id:
-            return Logprob(self.logprob)
+                return Logprob(logprob, rank, decoded)
         raise KeyError(token_id)
 
     def __iter__(self) -> Iterator[int]:
@@ -64,6 +68,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]  # SamplingParams.n completions, by completion index
     finished: bool = True            # always: generate() returns finished requests only (vLLM's field)
+    # with SamplingParams.prompt_logprobs: None for the first prompt token (nothing precedes it), then one
+    # mapping token id -> Logprob per prompt token, holding the token itself and the prompt_logprobs most likely
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     # the first completion's fields, flat: one completion per prompt reads as before
 

@@ -82,16 +82,38 @@ class SamplingTensors:
 
 
 @dataclass(slots=True)
+class LogprobsTensors:
+    """Raw logprobs around one token per row: the token's own, its rank, and the row's top k."""
+
+    logprobs: Tensor        # [N] float32, the tokens' raw logprobs
+    ranks: Tensor           # [N] int64, 1 + the number of vocab ids strictly more likely than the token
+    top_token_ids: Tensor   # [N, k] int64, most likely first
+    top_logprobs: Tensor    # [N, k] float32
+
+
+def token_logprobs(logits: Tensor, token_ids: Tensor, k: int) -> LogprobsTensors:
+    """Raw logprobs (log_softmax of the float32 logits, before any processing) of token_ids [N] under logits
+    [N, vocab], and each row's top k. Both a sampled token and a scored prompt token go through this one function,
+    row by row, which is why scoring a text gives bitwise the logprobs that generating it gave."""
+    raw = logits.log_softmax(-1)
+    chosen = raw.gather(1, token_ids.clamp_min(0).unsqueeze(1))
+    ranks = (raw > chosen).sum(-1) + 1
+    top_logprobs, top_token_ids = raw.topk(k, dim=-1)
+    return LogprobsTensors(chosen.squeeze(1), ranks, top_token_ids, top_logprobs)
+
+
+@dataclass(slots=True)
 class SamplerOutput:
     token_ids: Tensor                    # [N] int64; -1 where the row's logits were not finite
     logprobs: Tensor | None = None       # [N] float32, the chosen tokens' raw logprobs
     top_token_ids: Tensor | None = None  # [N, max_logprobs] int64
     top_logprobs: Tensor | None = None   # [N, max_logprobs] float32
+    ranks: Tensor | None = None          # [N] int64, the chosen tokens' ranks (1 = most likely)
 
 
 def sample(logits: Tensor, params: SamplingTensors) -> SamplerOutput:
     """Draw one token per row of logits [N, vocab] (float32)."""
-    raw_logprobs = logits.log_softmax(-1) if params.max_logprobs is not None else None
+    raw_logits = logits
     if params.banned_rows is not None:
         logits = logits.clone()
         logits[params.banned_rows, params.banned_tokens] = float("-inf")
@@ -101,11 +123,11 @@ def sample(logits: Tensor, params: SamplingTensors) -> SamplerOutput:
     finite = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1).isfinite()
     if not params.all_greedy:
         token_ids = torch.where(params.temperatures == 0, token_ids, _sample_random(logits, params))
-    if raw_logprobs is None:
-        return SamplerOutput(token_ids.masked_fill(~finite, -1))
-    top_logprobs, top_token_ids = raw_logprobs.topk(params.max_logprobs, dim=-1)
-    chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-    return SamplerOutput(token_ids.masked_fill(~finite, -1), chosen, top_token_ids, top_logprobs)
+    token_ids = token_ids.masked_fill(~finite, -1)
+    if params.max_logprobs is None:
+        return SamplerOutput(token_ids)
+    lp = token_logprobs(raw_logits, token_ids, params.max_logprobs)
+    return SamplerOutput(token_ids, lp.logprobs, lp.top_token_ids, lp.top_logprobs, lp.ranks)
 
 
 def _sample_random(logits: Tensor, params: SamplingTensors) -> Tensor:

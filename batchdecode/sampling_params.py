@@ -24,6 +24,10 @@ class SamplingParams:
     of the batch.
     logprobs: for each generated token, its log-probability and the `logprobs` most likely tokens', under the
     model's raw distribution (log_softmax of the logits before temperature, top-k/p, min-p, min_tokens).
+    prompt_logprobs: for each prompt token after the first, its log-probability and the `prompt_logprobs` most
+    likely tokens' (RequestOutput.prompt_logprobs), computed in the same chunked prefill and through the same
+    arithmetic as `logprobs`: scoring prompt + completion gives the completion's generation logprobs bitwise.
+    Such a request computes its whole prompt (no prefix-cache hits), as in vLLM.
     n: completions of the prompt, returned together in RequestOutput.outputs; with prefix caching they share the
     prompt's full pages. A seeded request's completion i draws from completion_seed(i).
     best_of: only None or n (ranking more completions than are returned is not supported).
@@ -40,6 +44,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     n: int = 1
     best_of: int | None = None
 
@@ -68,6 +73,8 @@ class SamplingParams:
              f"seed must be None or an int in [0, 2**64), got {self.seed!r}"),
             (self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
              f"logprobs must be an int >= 0 or None, got {self.logprobs}"),
+            (self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and self.prompt_logprobs >= 0),
+             f"prompt_logprobs must be an int >= 0 or None, got {self.prompt_logprobs!r}"),
             (_is_int(self.n) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}"),
             (self.best_of is None or self.best_of == self.n,
              f"best_of={self.best_of!r} is not supported (only None or n={self.n}): ask for n={self.best_of!r} "

@@ -22,6 +22,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []   # prefix hashes of its full pages, memoised by prefix_cache.py
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        # scored prompt tokens (the first has nothing before it); completion 0 scores the prompt for all n
+        wants_prompt_logprobs = params.prompt_logprobs is not None and sample_index == 0
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] if wants_prompt_logprobs else None
         self.finish_reason: str | None = None
         self.stopped_by_token = False  # ended by EOS or a stop token, which the text leaves out
 
@@ -35,6 +38,11 @@ class Sequence:
     @property
     def completion_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Some prompt token still needs its logprobs, so the prompt's logits must be computed, not cached."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def num_uncached_tokens(self) -> int:
