@@ -1,0 +1,192 @@
+// Paged attention: one pass per (query token, KV head) over the query's own slots, with an online softmax.
+//
+// A query's arithmetic depends only on its own slots: its KV range is cut into KV_SPLIT-slot splits counted
+// from kv_start, each split walks TILE slots at a time from fresh state, and the splits are folded in order.
+// Nothing depends on the other queries, the batch, how the prompt was cut into chunks, or the pages, so a
+// query's bits are the same as a decode row, inside any prompt chunk and in a recompute.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+
+namespace bd {
+namespace {
+
+constexpr int MAX_VECTORS = 256 / VL;  // head_dim <= 256
+
+struct SoftmaxState {  // one split's (or the fold's) running max, sum and weighted values, per query head
+  std::vector<float> max, sum, acc;
+  SoftmaxState(int64_t heads, int64_t dim) : max(heads), sum(heads), acc(heads * dim) {}
+  void reset() {
+    std::fill(max.begin(), max.end(), -std::numeric_limits<float>::infinity());
+    std::fill(sum.begin(), sum.end(), 0.0f);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+  }
+};
+
+struct Scratch {  // one thread's buffers, reused across its tasks
+  std::vector<float> q, scores;
+  SoftmaxState split, total;
+  Scratch(int64_t heads, int64_t dim) : q(heads * dim), scores(heads * TILE), split(heads, dim), total(heads, dim) {}
+};
+
+struct Query {
+  int64_t token, kv_head, first_slot, end_slot, kv_start;  // it sees slots first_slot .. end_slot - 1
+  const int32_t* pages;
+};
+
+template <typename T>
+void load_query(const PagedAttentionArgs& a, const Query& query, int64_t heads, float* q) {
+  const T* src = static_cast<const T*>(a.q) + query.token * a.q_token_stride + query.kv_head * heads * a.head_dim;
+  for (int64_t i = 0; i < heads * a.head_dim; i += VL) store(q + i, load(src + i));
+}
+
+// slot -> its row in the cache (element offset of [page, offset, kv_head, 0])
+inline int64_t slot_offset(const PagedAttentionArgs& a, const Query& query, int64_t slot) {
+  int64_t page = query.pages[slot / a.block_size];
+  return ((page * a.block_size + slot % a.block_size) * a.num_kv_heads + query.kv_head) * a.head_dim;
+}
+
+// scores[g * TILE + i] = q_g . k_slot(i) * scale for the tile's n slots
+template <typename T>
+void tile_scores(const PagedAttentionArgs& a, const Query& query, int64_t heads, const float* q, int64_t first,
+                 int64_t n, float* scores) {
+  const T* k_cache = static_cast<const T*>(a.k_cache);
+  const int64_t vectors = a.head_dim / VL;
+  vf k[MAX_VECTORS];
+  for (int64_t i = 0; i < n; ++i) {
+    const T* key = k_cache + slot_offset(a, query, first + i);
+    for (int64_t j = 0; j < vectors; ++j) k[j] = load(key + j * VL);
+    for (int64_t g = 0; g < heads; ++g) {
+      vf dot = vzero();
+      for (int64_t j = 0; j < vectors; ++j) dot = vfma(load(q + g * a.head_dim + j * VL), k[j], dot);
+      scores[g * TILE + i] = hsum(dot) * a.scale;
+    }
+  }
+  for (int64_t g = 0; g < heads; ++g)
+    for (int64_t i = n; i < TILE; ++i) scores[g * TILE + i] = -std::numeric_limits<float>::infinity();
+}
+
+// the online-softmax step: scores become weights in place, the state's sums and values are rescaled
+void tile_softmax(int64_t heads, int64_t dim, float* scores, SoftmaxState& state) {
+  for (int64_t g = 0; g < heads; ++g) {
+    float* s = scores + g * TILE;
+    float tile_max = s[0];
+    for (int64_t i = 1; i < TILE; ++i) tile_max = std::max(tile_max, s[i]);
+    float new_max = std::max(state.max[g], tile_max);
+    float alpha = exp_scalar(state.max[g] - new_max);
+    vf total = vzero();
+    for (int64_t i = 0; i < TILE; i += VL) {
+      vf p = vexp(vsub(load(s + i), vset1(new_max)));
+      store(s + i, p);
+      total = vadd(total, p);
+    }
+    state.sum[g] = std::fma(state.sum[g], alpha, hsum(total));
+    float* acc = state.acc.data() + g * dim;
+    for (int64_t j = 0; j < dim; j += VL) store(acc + j, vmul(load(acc + j), vset1(alpha)));
+    state.max[g] = new_max;
+  }
+}
+
+template <typename T>
+void tile_values(const PagedAttentionArgs& a, const Query& query, int64_t heads, int64_t first, int64_t n,
+                 const float* weights, SoftmaxState& state) {
+  const T* v_cache = static_cast<const T*>(a.v_cache);
+  const int64_t vectors = a.head_dim / VL;
+  vf v[MAX_VECTORS];
+  for (int64_t i = 0; i < n; ++i) {
+    const T* value = v_cache + slot_offset(a, query, first + i);
+    for (int64_t j = 0; j < vectors; ++j) v[j] = load(value + j * VL);
+    for (int64_t g = 0; g < heads; ++g) {
+      vf w = vset1(weights[g * TILE + i]);
+      float* acc = state.acc.data() + g * a.head_dim;
+      for (int64_t j = 0; j < vectors; ++j) store(acc + j * VL, vfma(w, v[j], load(acc + j * VL)));
+    }
+  }
+}
+
+// total <- fold(total, split), explicit fmas in a fixed order
+void fold(int64_t heads, int64_t dim, const SoftmaxState& split, SoftmaxState& total) {
+  for (int64_t g = 0; g < heads; ++g) {
+    float new_max = std::max(total.max[g], split.max[g]);
+    float a_total = exp_scalar(total.max[g] - new_max), a_split = exp_scalar(split.max[g] - new_max);
+    total.sum[g] = std::fma(split.sum[g], a_split, total.sum[g] * a_total);
+    float* acc = total.acc.data() + g * dim;
+    const float* add = split.acc.data() + g * dim;
+    for (int64_t j = 0; j < dim; j += VL)
+      store(acc + j, vfma(load(add + j), vset1(a_split), vmul(load(acc + j), vset1(a_total))));
+    total.max[g] = new_max;
+  }
+}
+
+template <typename T>
+void attend(const PagedAttentionArgs& a, const Query& query, Scratch& s) {
+  const int64_t heads = a.num_heads / a.num_kv_heads, dim = a.head_dim;
+  T* out = static_cast<T*>(a.out) + (query.token * a.num_heads + query.kv_head * heads) * dim;
+  if (query.end_slot <= query.first_slot) {  // sees no slot: zeros, not NaN
+    for (int64_t i = 0; i < heads * dim; i += VL) store(out + i, vzero());
+    return;
+  }
+  load_query<T>(a, query, heads, s.q.data());
+  s.total.reset();
+  int64_t split = query.kv_start + (query.first_slot - query.kv_start) / KV_SPLIT * KV_SPLIT;
+  for (; split < query.end_slot; split += KV_SPLIT) {
+    int64_t begin = std::max(query.first_slot, split), end = std::min(query.end_slot, split + KV_SPLIT);
+    s.split.reset();
+    for (int64_t tile = begin; tile < end; tile += TILE) {
+      int64_t n = std::min<int64_t>(TILE, end - tile);
+      tile_scores<T>(a, query, heads, s.q.data(), tile, n, s.scores.data());
+      tile_softmax(heads, dim, s.scores.data(), s.split);
+      tile_values<T>(a, query, heads, tile, n, s.scores.data(), s.split);
+    }
+    if (begin == query.first_slot) std::swap(s.total, s.split);  // the first split is the fold's start
+    else fold(heads, dim, s.split, s.total);
+  }
+  for (int64_t g = 0; g < heads; ++g) {
+    vf inv_sum = vset1(s.total.sum[g]);
+    for (int64_t j = 0; j < dim; j += VL) store(out + g * dim + j, vdiv(load(s.total.acc.data() + g * dim + j), inv_sum));
+  }
+}
+
+template <typename T>
+void run(const PagedAttentionArgs& a) {
+  // each token's row, from cu_q_lens (tokens past the last row's are left to no row: zeros)
+  std::vector<int64_t> row_of(a.num_tokens, -1);
+  for (int64_t row = 0; row < a.num_rows; ++row)
+    for (int64_t t = a.cu_q_lens[row]; t < std::min<int64_t>(a.cu_q_lens[row + 1], a.num_tokens); ++t) row_of[t] = row;
+  const int64_t heads = a.num_heads / a.num_kv_heads, tasks = a.num_tokens * a.num_kv_heads;
+#pragma omp parallel
+  {
+    Scratch scratch(heads, a.head_dim);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t task = 0; task < tasks; ++task) {
+      int64_t token = task / a.num_kv_heads, row = row_of[token];
+      Query query{token, task % a.num_kv_heads, 0, 0, 0, nullptr};
+      if (row >= 0) {
+        int64_t q_len = a.cu_q_lens[row + 1] - a.cu_q_lens[row];
+        int64_t own = a.kv_lens[row] - q_len + (token - a.cu_q_lens[row]);
+        query.kv_start = a.kv_start ? a.kv_start[row] : 0;
+        query.first_slot = a.window > 0 ? std::max(query.kv_start, own - a.window + 1) : query.kv_start;
+        query.end_slot = own + 1;
+        query.pages = a.block_table + row * a.block_table_stride;
+      }
+      attend<T>(a, query, scratch);
+    }
+  }
+}
+
+}  // namespace
+
+void paged_attention(const PagedAttentionArgs& args) {
+  switch (args.dtype) {
+    case DType::f32: return run<float>(args);
+    case DType::f16: return run<fp16>(args);
+    case DType::bf16: return run<bf16>(args);
+  }
+}
+
+}  // namespace bd

@@ -1,0 +1,57 @@
+// The native CPU kernels on raw pointers: no torch header here, so the kernel files compile fast and for
+// one ISA each (bindings.cpp is the only file that sees tensors).
+#pragma once
+
+#include <cstdint>
+
+#include "vec.h"
+
+namespace bd {
+
+// ---- paged attention (attention.cpp)
+
+// Every query's KV range is cut into KV_SPLIT-slot splits counted from kv_start and folded in order; inside a
+// split, scores are taken TILE slots at a time. Both depend on nothing but the query's own slots.
+constexpr int64_t KV_SPLIT = 512;
+constexpr int64_t TILE = 32;
+
+struct PagedAttentionArgs {
+  const void* q;  // [num_tokens, num_heads, head_dim], rows q_token_stride apart, heads head_dim apart
+  void* out;      // [num_tokens, num_heads, head_dim], contiguous
+  const void* k_cache;  // [blocks, block_size, num_kv_heads, head_dim], contiguous
+  const void* v_cache;
+  DType dtype;
+  int64_t num_tokens, num_heads, num_kv_heads, head_dim, block_size, q_token_stride;
+  const int32_t* block_table;  // [num_rows, block_table_stride]
+  int64_t block_table_stride, num_rows;
+  const int32_t* cu_q_lens;  // [num_rows + 1]
+  const int32_t* kv_lens;    // [num_rows]
+  const int32_t* kv_start;   // [num_rows] or null (every row from slot 0)
+  float scale;
+  int64_t window;  // a query sees slots max(kv_start, own - window + 1) .. own; window <= 0: no window
+};
+void paged_attention(const PagedAttentionArgs& args);
+
+// ---- linear (linear.cpp)
+
+// Weights are packed once into panels of NR output columns: panel p holds columns p*NR .. p*NR + NR - 1 for
+// every k, so the micro-kernel streams one panel while MR rows of x stay in registers.
+constexpr int NR = 2 * VL;
+int64_t packed_weight_bytes(int64_t n, int64_t k, DType dtype);
+// weight[n, k] sits at weight + n * stride_n + k * stride_k (any layout: nn.Linear's or a transposed Conv1D's)
+void pack_weight(const void* weight, int64_t stride_n, int64_t stride_k, int64_t n, int64_t k, DType dtype,
+                 void* packed);
+// out[m, n] = sum_k x[m, k] * weight[n, k] (+ bias[n]); x rows x_stride apart, out contiguous [m, n]
+void linear(const void* x, int64_t x_stride, const void* packed, const void* bias, void* out, int64_t m, int64_t n,
+            int64_t k, DType dtype);
+const char* linear_path(DType dtype);  // which micro-kernel serves this dtype (for reports)
+
+// ---- row-wise kernels (rowwise.cpp)
+
+// out = weight * round(x / rms(x)); with residual: x = round(x + residual) first, written to residual_out
+void rms_norm(const void* x, const void* residual, const void* weight, void* out, void* residual_out, int64_t rows,
+              int64_t dim, int64_t x_stride, int64_t residual_stride, float eps, DType dtype);
+// out[r, :] = silu(x[r, :n]) * x[r, n:]
+void silu_and_mul(const void* x, void* out, int64_t rows, int64_t n, int64_t x_stride, DType dtype);
+
+}  // namespace bd

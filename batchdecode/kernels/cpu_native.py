@@ -1,0 +1,201 @@
+"""The native CPU backend: C++ kernels (batchdecode/kernels/cpu/) built once on this machine, for its ISA.
+
+`torch.utils.cpp_extension.load` compiles them with ninja on first use into TORCH_EXTENSIONS_DIR (default
+~/.cache/torch_extensions) and reuses that build while the sources and flags are unchanged. One build per ISA:
+"avx512_bf16" (AVX-512 F/BW/VL with bf16 dot products) where the CPU has it, else "avx2" (AVX2, FMA, F16C).
+Without a compiler (or an x86 CPU with AVX2) the twins in `reference` serve every call, after one warning.
+
+Every function has its twin's signature and semantics; float64 (the test oracle's dtype) goes to the twin.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+SOURCES = ("bindings.cpp", "attention.cpp", "linear.cpp", "rowwise.cpp")
+SOURCE_DIR = Path(__file__).parent / "cpu"
+# -ffp-contract=off: the compiler never fuses a multiply and an add on its own, so every fma is one written
+# in the source, the same in every inlined copy of a function.
+COMMON_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-DNDEBUG")
+ISA_FLAGS = {
+    "avx512_bf16": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"),
+    "avx2": ("-mavx2", "-mfma", "-mf16c"),
+}
+ISA_CPU_FLAGS = {  # what /proc/cpuinfo must list for each build to run
+    "avx512_bf16": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx2", "fma", "f16c"},
+    "avx2": {"avx2", "fma", "f16c"},
+}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def supported_isas() -> list[str]:
+    """The builds this CPU can run, best first."""
+    flags = cpu_flags()
+    return [isa for isa, needed in ISA_CPU_FLAGS.items() if needed <= flags]
+
+
+@dataclass
+class _Build:
+    module: ModuleType | None = None
+    error: str | None = None
+
+
+_builds: dict[str, _Build] = {}
+_warned = False
+
+
+def extension(isa: str | None = None) -> ModuleType:
+    """The compiled kernels for `isa` (default: the best this CPU runs), built on first use; raises
+    RuntimeError naming why when they cannot be built."""
+    isas = supported_isas()
+    isa = isa or (isas[0] if isas else None)
+    if isa is None or isa not in isas:
+        raise RuntimeError(f"this CPU runs none of the native builds {list(ISA_CPU_FLAGS)} (asked: {isa})")
+    build = _builds.setdefault(isa, _Build())
+    if build.module is None and build.error is None:
+        try:
+            build.module = _compile(isa)
+        except Exception as e:  # no compiler, no ninja, a failed build: the reason is kept and reported
+            build.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    if build.error:
+        raise RuntimeError(f"the native CPU kernels ({isa}) could not be built: {build.error}")
+    return build.module
+
+
+def _compile(isa: str) -> ModuleType:
+    from torch.utils import cpp_extension
+    if shutil.which("ninja") is None:  # the pip package's binary, when its bin folder is not on PATH
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
+    return cpp_extension.load(name=f"batchdecode_cpu_{isa}", sources=[str(SOURCE_DIR / s) for s in SOURCES],
+                              extra_cflags=[*COMMON_FLAGS, *ISA_FLAGS[isa]], extra_ldflags=["-fopenmp"],
+                              verbose=os.environ.get("BATCHDECODE_VERBOSE_BUILD") == "1")
+
+
+def available() -> bool:
+    """Whether the native kernels run here (building them on first call); warns once when they do not."""
+    global _warned
+    try:
+        extension()
+        return True
+    except RuntimeError as e:
+        if not _warned:
+            warnings.warn(f"batchdecode: {e}; CPU tensors take the torch twins (slower)", RuntimeWarning, stacklevel=2)
+            _warned = True
+        return False
+
+
+# ---- linear: weights packed once, cached on the weight
+
+@dataclass
+class _PackedWeight:
+    owner: weakref.ref      # the tensor that owns the weight's memory (a view's base)
+    version: int | None     # its in-place version counter when packed: an in-place update repacks
+    packed: Tensor
+
+
+_packed: dict[tuple, _PackedWeight] = {}
+
+
+def _version(t: Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter: packed once, as they cannot change
+        return None
+
+
+def packed_weight(weight: Tensor, isa: str | None = None) -> Tensor:
+    """The weight packed into the micro-kernel's panels, made on first use and kept while the weight lives."""
+    ext = extension(isa)
+    owner = weight if weight._base is None else weight._base
+    key = (isa, id(owner), weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
+    entry = _packed.get(key)
+    if entry is not None and entry.owner() is owner and entry.version == _version(owner):
+        return entry.packed
+    packed = torch.empty(ext.packed_weight_bytes(weight.shape[0], weight.shape[1], weight.dtype), dtype=torch.uint8)
+    ext.pack_weight(weight.detach(), packed)
+    if entry is None:
+        weakref.finalize(owner, _packed.pop, key, None)
+    _packed[key] = _PackedWeight(weakref.ref(owner), _version(owner), packed)
+    return packed
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, isa: str | None = None) -> Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias): every output element accumulates K in one fixed order, whatever M."""
+    if x.dtype not in DTYPES:
+        return reference.linear(x, weight, bias)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    extension(isa).linear(x.detach(), packed_weight(weight, isa), None if bias is None else bias.detach().contiguous(),
+                          out)
+    return out
+
+
+# ---- attention and the row-wise kernels
+
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cu_q_lens: Tensor,
+                    kv_lens: Tensor, *, kv_start: Tensor | None = None, scale: float | None = None,
+                    window: int | None = None, isa: str | None = None) -> Tensor:
+    """The twin's paged attention; `window` (optional) limits a query to slots max(kv_start, own - window + 1)
+    .. own."""
+    if q.dtype not in DTYPES:
+        return reference.paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start=kv_start,
+                                         scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q = q if q.stride(2) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype)
+    metadata = [t.contiguous() for t in (block_table, cu_q_lens, kv_lens)]
+    extension(isa).paged_attention(q.detach(), k_cache, v_cache, *metadata,
+                                   None if kv_start is None else kv_start.contiguous(), float(scale),
+                                   0 if window is None else int(window), out)
+    return out
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None, *,
+             isa: str | None = None) -> tuple[Tensor, Tensor]:
+    if x.dtype not in DTYPES or x.dim() != 2:
+        return reference.rms_norm(x, weight, eps, residual)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    residual_out = x if residual is None else torch.empty(x.shape, dtype=x.dtype)
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
+    extension(isa).rms_norm(x.detach(), weight.detach().contiguous(), float(eps),
+                            None if residual is None else residual.detach(), out, residual_out)
+    return out, residual_out
+
+
+def silu_and_mul(x: Tensor, *, isa: str | None = None) -> Tensor:
+    if x.dtype not in DTYPES or x.dim() != 2:
+        return reference.silu_and_mul(x)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
+    extension(isa).silu_and_mul(x.detach(), out)
+    return out
+
+
+# rope and the cache write are cheap row-wise copies next to attention and linear: the twins serve them
+rope_and_store_kv = reference.rope_and_store_kv
+store_kv = reference.store_kv
