@@ -24,6 +24,7 @@ from typing import IO
 from .engine_config import EngineConfig
 from .prompt_file import InputError, PromptLine, is_seed, read_prompt_file
 from .results_file import Manifest, ResultsFile, ResultsWriter, journal_path
+from .score import add_parser as add_score_parser, score
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:   # argparse has printed usage and the reason
         return int(e.code or 0)
     try:
-        return generate(args)
+        return score(args) if args.command == "score" else generate(args)
     except (InputError, OSError) as e:   # OSError: a file we cannot read or write (permissions, disk full)
         print(f"batchdecode: error: {e}", file=sys.stderr)
         return 1
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--ray-address", default=None, metavar="ADDRESS",
                        help="join this cluster (host:port, or auto); default: start a local one")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_score_parser(commands)
     return parser
 
 
