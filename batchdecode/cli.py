@@ -2,8 +2,8 @@
 
     batchdecode generate --model smollm2-135m --input examples/prompts.jsonl --output out.jsonl
 
-Steps: check options and the whole input file (no model yet) -> lock the output and read what is already done
-(results_file.py) -> find the model folder -> load the tokenizer and check every prompt's length -> load the
+Steps: check options, the whole input file and the output path (no model yet) -> find the model folder and check
+its config (dtype, head dim) -> lock the output and read what is already done (results_file.py) -> load the tokenizer and check every prompt's length -> load the
 weights -> generate, journaling each result the moment it finishes and appending it to the output in input
 order. Rerunning the same command skips the results already done. `--output -` streams to stdout, no resume.
 """
@@ -110,11 +110,14 @@ def generate(args: argparse.Namespace) -> int:
     stream = _stream(args.output)
     if stream is not None:   # stdout, a pipe or a device: written once, in input order, no resume
         try:
-            return _generate(args, requests, params, lambda: ResultsWriter(stream, 0), done=set(), results=None)
+            folder = _servable_model(args)
+            return _generate(args, folder, requests, params, lambda: ResultsWriter(stream, 0), done=set(),
+                             results=None)
         finally:
             if stream is not sys.stdout:
                 stream.close()
     _check_output_path(args)
+    folder = _servable_model(args)   # a model the kernels cannot run is refused before the journal exists
     results = ResultsFile(args.output, [r.id for r in requests], _manifest(args), overwrite=args.overwrite)
     try:
         done = results.done()
@@ -123,7 +126,7 @@ def generate(args: argparse.Namespace) -> int:
             results.complete()
             print(f"batchdecode: all {len(done)} requests are already in {args.output}", file=sys.stderr)
             return 0
-        return _generate(args, requests, params, results.writer, done, results)
+        return _generate(args, folder, requests, params, results.writer, done, results)
     finally:
         results.release()
 
@@ -206,13 +209,35 @@ def _manifest(args: argparse.Namespace) -> Manifest:
     return Manifest(decisive, recorded)
 
 
-def _generate(args, requests: list[PromptLine], params: list, make_writer, done: set[int], results) -> int:
-    """Model, tokens and engine, then the run of the requests not done yet. The writer is made only once the
-    engine is ready, so that a failed load leaves the output as it was."""
+def _servable_model(args: argparse.Namespace) -> Path:
+    """The model folder, its config checked against what the kernels serve (dtype, head dim on the device)."""
+    from transformers import AutoConfig
+
+    from .llm import _default_device_dtype
     from .model_source import resolve_model
-    from .prompt_tokens import load_tokenizer, tokenize_all
+    from .models import check_servable
 
     folder = resolve_model(args.model, progress=not args.no_progress)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:   # not JSON, or no model_type transformers knows
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise InputError(f"--model {args.model}: {folder / 'config.json'} is not a model config transformers "
+                         f"can read: {reason}") from None
+    device, _ = _default_device_dtype(str(folder), args.device, None)
+    try:
+        check_servable(config, None if args.dtype == "auto" else args.dtype, device, f"--model {args.model}")
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    return folder
+
+
+def _generate(args, folder: Path, requests: list[PromptLine], params: list, make_writer, done: set[int],
+              results) -> int:
+    """Tokens and engine, then the run of the requests not done yet. The writer is made only once the
+    engine is ready, so that a failed load leaves the output as it was."""
+    from .prompt_tokens import load_tokenizer, tokenize_all
+
     tokenizer = load_tokenizer(folder)
     prompt_ids = tokenize_all(requests, [p.max_tokens for p in params], tokenizer, folder, chat=args.chat,
                               max_model_len=args.max_model_len)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from ..kernels.checks import DTYPES, MAX_TRITON_HEAD_DIM
 from .gpt2 import GPT2
 from .llama import Llama
 
@@ -20,7 +21,7 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODEL_CLASSES)
 
-__all__ = ["load_model", "SUPPORTED_ARCHITECTURES"]
+__all__ = ["load_model", "check_servable", "SUPPORTED_ARCHITECTURES"]
 
 
 def load_model(
@@ -39,7 +40,9 @@ def load_model(
     returned is too, and its forward runs under torch.inference_mode. Its attributes num_layers, num_kv_heads,
     head_dim, vocab_size and max_position (the longest context it computes exactly) size the KV cache.
     """
-    hf_model = model if isinstance(model, PreTrainedModel) else _load_folder(model, dtype)
+    if isinstance(model, PreTrainedModel):
+        check_servable(model.config, dtype or model.dtype, device or model.device, type(model).__name__)
+    hf_model = model if isinstance(model, PreTrainedModel) else _load_folder(model, dtype, device)
     arch = architecture_of(hf_model)
     hf_model.eval()
     if (dtype is not None and dtype != hf_model.dtype) or (device is not None and _moves(hf_model, device)):
@@ -55,7 +58,26 @@ def architecture_of(hf_model: PreTrainedModel) -> str:
     raise ValueError(_unsupported(type(hf_model).__name__))
 
 
-def _load_folder(path: str | os.PathLike, dtype: torch.dtype | None) -> PreTrainedModel:
+def check_servable(config: PretrainedConfig, dtype: torch.dtype | str | None, device: torch.device | str | None,
+                   name: str) -> None:
+    """Refuse, before any weight is read, a model the kernels cannot run: a dtype they have no kernel for, or a
+    head dim over the Triton attention tile on a GPU. `name` (the --model given, or the class) leads the error.
+    dtype None or "auto" means the config's own dtype; device None means the CPU."""
+    if dtype is None or dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"{name}: dtype {str(dtype).removeprefix('torch.')} is not served; the kernels run "
+                         + ", ".join(str(d).removeprefix("torch.") for d in DTYPES))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    if on_gpu and head_dim > MAX_TRITON_HEAD_DIM:
+        raise ValueError(f"{name}: head dim {head_dim} is over {MAX_TRITON_HEAD_DIM}, the largest the GPU's "
+                         "attention kernel serves; run it on the CPU (device='cpu', --device cpu)")
+
+
+def _load_folder(path: str | os.PathLike, dtype: torch.dtype | None,
+                 device: torch.device | str | None) -> PreTrainedModel:
     from safetensors import SafetensorError   # the error of a truncated or corrupt .safetensors file
 
     folder = Path(path)
@@ -68,6 +90,7 @@ def _load_folder(path: str | os.PathLike, dtype: torch.dtype | None) -> PreTrain
     arch = (config.architectures or [config.model_type])[0]
     if arch not in _MODEL_CLASSES:  # before reading any weights
         raise ValueError(_unsupported(arch) + f" (from {folder / 'config.json'})")
+    check_servable(config, dtype, device, str(path))
     try:
         hf_model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto",
                                                               output_loading_info=True)

@@ -36,12 +36,12 @@ def test_dev_stdout_streams_instead_of_hanging(checkpoint, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
+def test_a_second_run_on_the_same_output_is_refused(checkpoint, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     holder = ResultsFile(out, [1, 2], Manifest({}), overwrite=False)   # a first run, still running
     try:
-        # refused before the model is even looked for
-        assert main(argv("/no/such/model", tmp_path, out)) == 1
+        # refused before the model loads (only its config is read)
+        assert main(argv(checkpoint, tmp_path, out)) == 1
     finally:
         holder.release()
     err = capsys.readouterr().err.strip().splitlines()
