@@ -24,7 +24,7 @@ from . import hf_attention
 
 # Options that change which tokens come out and that the engine implements.
 _SUPPORTED = {"max_length", "max_new_tokens", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
-              "top_p", "min_p", "eos_token_id", "pad_token_id", "num_return_sequences"}
+              "top_p", "min_p", "eos_token_id", "pad_token_id", "num_return_sequences", "repetition_penalty"}
 # Options that never change the tokens (cache choices, compile settings, bookkeeping, assistant-only knobs).
 _IGNORED = {"bos_token_id", "decoder_start_token_id", "use_cache", "cache_implementation", "cache_config",
             "max_cache_len", "compile_config", "disable_compile", "transformers_version", "_from_model_config",
@@ -150,6 +150,7 @@ class Plan:
     pad_token_id: int | None
     user_pad_token_id: bool  # pad_token_id was configured (not defaulted to EOS)
     num_return_sequences: int
+    repetition_penalty: float
 
     @classmethod
     def make(cls, config, width: int, default_max_length: bool, max_positions: int | None) -> "Plan":
@@ -171,7 +172,8 @@ class Plan:
                    top_k=int(config.top_k or 0), top_p=float(config.top_p if config.top_p is not None else 1.0),
                    min_p=float(config.min_p or 0.0), eos_token_ids=eos, pad_token_id=pad,
                    user_pad_token_id=config.pad_token_id is not None,
-                   num_return_sequences=int(config.num_return_sequences or 1))
+                   num_return_sequences=int(config.num_return_sequences or 1),
+                   repetition_penalty=float(config.repetition_penalty if config.repetition_penalty is not None else 1.0))
         plan._check()
         return plan
 
@@ -189,7 +191,8 @@ class Plan:
         sampling = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
         return SamplingParams(**(sampling if self.do_sample else dict(temperature=0.0)),
                               max_tokens=self.max_new_tokens, min_tokens=self.min_new_tokens,
-                              stop_token_ids=self.eos_token_ids, ignore_eos=True)
+                              stop_token_ids=self.eos_token_ids, ignore_eos=True,
+                              repetition_penalty=self.repetition_penalty)
 
 
 # output

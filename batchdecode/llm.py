@@ -21,6 +21,7 @@ from .engine_config import EngineConfig
 from .model_runner import ModelRunner
 from .models import load_model
 from .outputs import CompletionOutput, EngineStats, RequestOutput
+from .logits_processors import prepare as prepare_processors
 from .prompt_logprobs import fill_decoded_tokens
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -137,10 +138,12 @@ class LLM:
         for index, (prompt, p) in enumerate(zip(prompts, params)):
             text, token_ids = self._tokenize(index, prompt)
             self._check_request(index, token_ids, p)
+            bad_words = prepare_processors(index, p, self.tokenizer, self.model.vocab_size)
             for i in range(p.n):   # completion i draws from its own seed, so it is reproducible alone
                 detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, p.stop) if p.stop else None
                 params = p if i == 0 else dataclasses.replace(p, seed=p.completion_seed(i))
                 seqs.append(Sequence(index, text, token_ids, params, self.eos_token_ids, detokenizer, sample_index=i))
+                seqs[-1].bad_words_token_ids = bad_words
         return seqs
 
     def _tokenize(self, index: int, prompt: Prompt) -> tuple[str | None, list[int]]:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .logits_processors import ProcessorTensors, apply_after_min_tokens, apply_before_min_tokens
 from .transfer import to_device
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class SamplingTensors:
     seeded_rows: Tensor | None = None     # [Ns] int64, rows sampled from their own seed
     seeded_keys: Tensor | None = None     # [Ns, 2] int64, two 32-bit keys per seeded row (from seed_keys)
     max_logprobs: int | None = None       # largest logprobs N asked for in the batch; None = none asked
+    processors: ProcessorTensors | None = None   # penalties, logit_bias, bad_words, allowed_token_ids
 
     @classmethod
     def from_seqs(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingTensors:
@@ -48,6 +50,7 @@ class SamplingTensors:
         tensors = cls(all_greedy=all(p.greedy for p in params),
                       max_logprobs=min(max(logprobs), vocab_size) if logprobs else None)
         tensors._ban_stop_tokens(seqs, device)
+        tensors.processors = ProcessorTensors.from_seqs(seqs, vocab_size, device)
         if not tensors.all_greedy:
             tensors._add_random(seqs, vocab_size, device)
         return tensors
@@ -114,9 +117,15 @@ class SamplerOutput:
 def sample(logits: Tensor, params: SamplingTensors) -> SamplerOutput:
     """Draw one token per row of logits [N, vocab] (float32)."""
     raw_logits = logits
-    if params.banned_rows is not None:
+    processors = params.processors
+    if params.banned_rows is not None or processors is not None:
         logits = logits.clone()
+    if processors is not None:
+        logits = apply_before_min_tokens(logits, processors)
+    if params.banned_rows is not None:
         logits[params.banned_rows, params.banned_tokens] = float("-inf")
+    if processors is not None:
+        logits = apply_after_min_tokens(logits, processors)
     token_ids = logits.argmax(-1)
     # argmax picks a NaN over any number, so the row's largest logit is finite exactly when the row (its banned
     # ids aside) has no NaN, no +inf and is not all -inf: one gather checks it, not another pass over the vocab

@@ -28,6 +28,14 @@ class SamplingParams:
     likely tokens' (RequestOutput.prompt_logprobs), computed in the same chunked prefill and through the same
     arithmetic as `logprobs`: scoring prompt + completion gives the completion's generation logprobs bitwise.
     Such a request computes its whole prompt (no prefix-cache hits), as in vLLM.
+    repetition_penalty: > 0; divides a positive logit and multiplies a negative one of every token id in the prompt
+    or the output so far (1 = off). presence_penalty, frequency_penalty: in [-2, 2]; subtract the penalty once
+    for every id in the output so far, or once per occurrence (0 = off).
+    bad_words: strings never generated (each banned alone and after a space); needs a tokenizer.
+    logit_bias: token id -> bias added to its logit (clamped to [-100, 100], as vLLM does).
+    allowed_token_ids: only these ids may be generated.
+    These act on the logits before temperature and the filters (vLLM v1's order: allowed_token_ids, bad_words,
+    min_tokens, logit_bias, penalties); logprobs stay the raw ones.
     n: completions of the prompt, returned together in RequestOutput.outputs; with prefix caching they share the
     prompt's full pages. A seeded request's completion i draws from completion_seed(i).
     best_of: only None or n (ranking more completions than are returned is not supported).
@@ -47,12 +55,19 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     n: int = 1
     best_of: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    bad_words: list[str] | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate_processors()
         self._validate()
 
     def _validate(self):
@@ -84,6 +99,26 @@ class SamplingParams:
             if not ok:
                 raise ValueError(message)
 
+    def _validate_processors(self):
+        """Check the penalties and processors and bring them to one form (JSON's string keys become ints)."""
+        for name, low, high in (("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
+            value = getattr(self, name)
+            if not (_is_real(value) and low <= value <= high):
+                raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        if not (_is_real(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if self.bad_words is not None:
+            if isinstance(self.bad_words, str) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+                raise ValueError(f"bad_words must be a list of non-blank strings, got {self.bad_words!r}")
+            self.bad_words = list(self.bad_words)
+        if self.logit_bias is not None:
+            self.logit_bias = _checked_logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if isinstance(ids, (str, bytes)) or not ids or not all(_is_int(t) and t >= 0 for t in ids):
+                raise ValueError(f"allowed_token_ids must be a non-empty list of ints >= 0, got {ids!r}")
+            self.allowed_token_ids = list(ids)
+
     def completion_seed(self, i: int) -> int | None:
         """Completion i's seed: the seed itself for i = 0 (so n=1 draws as before), else a hash of (seed, i), so
         each completion is reproducible alone and in any batch."""
@@ -95,6 +130,18 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+
+def _checked_logit_bias(logit_bias) -> dict[int, float]:
+    if not isinstance(logit_bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {logit_bias!r}")
+    checked = {}
+    for token, bias in logit_bias.items():
+        token_id = int(token) if isinstance(token, str) and token.isdigit() else token
+        if not (_is_int(token_id) and token_id >= 0 and _is_real(bias) and math.isfinite(bias)):
+            raise ValueError(f"logit_bias must map token ids >= 0 to finite numbers, got {token!r}: {bias!r}")
+        checked[token_id] = float(min(max(bias, -100.0), 100.0))
+    return checked
 
 
 def _is_int(x) -> bool:

@@ -25,6 +25,7 @@ class Sequence:
         # scored prompt tokens (the first has nothing before it); completion 0 scores the prompt for all n
         wants_prompt_logprobs = params.prompt_logprobs is not None and sample_index == 0
         self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] if wants_prompt_logprobs else None
+        self.bad_words_token_ids: list[list[int]] = []   # params.bad_words as tokens (logits_processors.py)
         self.finish_reason: str | None = None
         self.stopped_by_token = False  # ended by EOS or a stop token, which the text leaves out
 

@@ -1,0 +1,172 @@
+"""Penalties and logits processors (vLLM's SamplingParams names and meanings), applied row by row.
+
+In vLLM v1's order, after the raw logprobs are taken and before temperature and the filters:
+allowed_token_ids (every other id to -inf), bad_words (the last token of a bad word to -inf where the output
+ends with the rest of it), min_tokens (the sampler's own ban), logit_bias (added), then the penalties:
+repetition_penalty divides a positive logit and multiplies a negative one of every id seen in the prompt or the
+output; frequency_penalty subtracts penalty x the id's count in the output, presence_penalty penalty x (count > 0).
+Each is an elementwise op on the row's own logits with the row's own numbers, so a row's result never depends
+on its batch. The host lists each row's ids per step (O(tokens) for a penalised row).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .transfer import to_device
+
+if TYPE_CHECKING:
+    from .sequence import Sequence
+
+
+@dataclass(slots=True)
+class ProcessorTensors:
+    """One step's processors for the rows that sample; a processor no row uses is None."""
+
+    allowed_rows: Tensor | None = None      # [Na] rows restricted to their allowed ids
+    allowed_mask: Tensor | None = None      # [Na, vocab] bool, True where the id is NOT allowed
+    banned_rows: Tensor | None = None       # (row, token) pairs to -inf: bad words this step
+    banned_tokens: Tensor | None = None
+    bias_rows: Tensor | None = None         # (row, token, bias) added
+    bias_tokens: Tensor | None = None
+    bias_values: Tensor | None = None
+    penalty_rows: Tensor | None = None      # [Np] rows with any penalty
+    repetition: Tensor | None = None        # [Np] float32
+    frequency: Tensor | None = None         # [Np] float32
+    presence: Tensor | None = None          # [Np] float32
+    output_counts: Tensor | None = None     # [Np, vocab] float32, each id's count in the row's output
+    seen: Tensor | None = None              # [Np, vocab] bool, the id is in the prompt or the output
+
+    @classmethod
+    def from_seqs(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> ProcessorTensors | None:
+        """The processors of the rows seqs (row i = seqs[i]); None when no row uses any."""
+        if not any(_uses_processors(seq.params) for seq in seqs):
+            return None
+        tensors = cls()
+        tensors._allowed(seqs, vocab_size, device)
+        tensors._bad_words(seqs, device)
+        tensors._bias(seqs, device)
+        tensors._penalties(seqs, vocab_size, device)
+        return tensors
+
+    def _allowed(self, seqs: list[Sequence], vocab_size: int, device: torch.device) -> None:
+        rows = [row for row, seq in enumerate(seqs) if seq.params.allowed_token_ids]
+        if rows:
+            mask = torch.ones(len(rows), vocab_size, dtype=torch.bool)
+            for i, row in enumerate(rows):
+                mask[i, seqs[row].params.allowed_token_ids] = False
+            self.allowed_rows, self.allowed_mask = to_device(device, torch.tensor(rows), mask)
+
+    def _bad_words(self, seqs: list[Sequence], device: torch.device) -> None:
+        banned = [(row, token) for row, seq in enumerate(seqs) for token in banned_bad_word_tokens(seq)]
+        if banned:
+            (pairs,) = to_device(device, torch.tensor(banned, dtype=torch.int64))
+            self.banned_rows, self.banned_tokens = pairs[:, 0], pairs[:, 1]
+
+    def _bias(self, seqs: list[Sequence], device: torch.device) -> None:
+        entries = [(row, token, bias) for row, seq in enumerate(seqs)
+                   for token, bias in (seq.params.logit_bias or {}).items()]
+        if entries:
+            rows, tokens, values = zip(*entries)
+            self.bias_rows, self.bias_tokens, self.bias_values = to_device(
+                device, torch.tensor(rows), torch.tensor(tokens), torch.tensor(values, dtype=torch.float32))
+
+    def _penalties(self, seqs: list[Sequence], vocab_size: int, device: torch.device) -> None:
+        rows = [row for row, seq in enumerate(seqs) if _has_penalty(seq.params)]
+        if not rows:
+            return
+        counts = torch.zeros(len(rows), vocab_size, dtype=torch.float32)
+        seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            seq = seqs[row]
+            output = torch.tensor(seq.completion_token_ids, dtype=torch.int64)
+            counts[i].index_add_(0, output, torch.ones(len(output)))   # counts of small ints: exact
+            seen[i, seq.token_ids] = True
+        numbers = torch.tensor([[seqs[row].params.repetition_penalty, seqs[row].params.frequency_penalty,
+                                 seqs[row].params.presence_penalty] for row in rows], dtype=torch.float32)
+        self.penalty_rows, numbers, self.output_counts, self.seen = to_device(
+            device, torch.tensor(rows), numbers, counts, seen)
+        self.repetition, self.frequency, self.presence = numbers.unbind(1)
+
+
+def apply_before_min_tokens(logits: Tensor, processors: ProcessorTensors) -> Tensor:
+    """allowed_token_ids, then bad_words, on logits (the sampler's own copy)."""
+    if processors.allowed_rows is not None:
+        rows = processors.allowed_rows
+        logits[rows] = logits[rows].masked_fill(processors.allowed_mask, float("-inf"))
+    if processors.banned_rows is not None:
+        logits[processors.banned_rows, processors.banned_tokens] = float("-inf")
+    return logits
+
+
+def apply_after_min_tokens(logits: Tensor, processors: ProcessorTensors) -> Tensor:
+    """logit_bias, then the penalties, on logits (the sampler's own copy)."""
+    if processors.bias_rows is not None:
+        logits.index_put_((processors.bias_rows, processors.bias_tokens), processors.bias_values, accumulate=True)
+    if processors.penalty_rows is not None:
+        rows = processors.penalty_rows
+        row_logits = logits[rows]
+        repetition = processors.repetition.unsqueeze(1)
+        penalised = torch.where(row_logits > 0, row_logits / repetition, row_logits * repetition)
+        row_logits = torch.where(processors.seen, penalised, row_logits)
+        row_logits = row_logits - processors.frequency.unsqueeze(1) * processors.output_counts
+        row_logits = row_logits - processors.presence.unsqueeze(1) * (processors.output_counts > 0)
+        logits[rows] = row_logits
+    return logits
+
+
+def banned_bad_word_tokens(seq: Sequence) -> list[int]:
+    """The ids a bad word bans at this step: its last token, where the output ends with the tokens before it."""
+    bad_words = seq.bad_words_token_ids
+    if not bad_words:
+        return []
+    output = seq.completion_token_ids
+    banned = []
+    for word in bad_words:
+        prefix = word[:-1]
+        if len(prefix) <= len(output) and output[len(output) - len(prefix):] == prefix:
+            banned.append(word[-1])
+    return banned
+
+
+def bad_words_token_ids(bad_words: list[str], tokenizer) -> list[list[int]]:
+    """Each bad word as tokens, alone and after a space where that is another first token (vLLM's rule), so
+    that it is banned at the start of the text and inside it."""
+    words = []
+    for word in bad_words:
+        plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        words.append(plain)
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            words.append(spaced)
+    return [word for word in words if word]
+
+
+def check_token_ids(index: int, params, vocab_size: int) -> None:
+    """allowed_token_ids and logit_bias's ids must name vocabulary entries."""
+    for name, ids in (("allowed_token_ids", params.allowed_token_ids or []),
+                      ("logit_bias", list(params.logit_bias or {}))):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {index}: {name} holds token id {bad[0]}, outside the vocabulary [0, {vocab_size})")
+
+
+def _has_penalty(params) -> bool:
+    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+
+
+def _uses_processors(params) -> bool:
+    return bool(params.allowed_token_ids or params.bad_words or params.logit_bias) or _has_penalty(params)
+
+
+def prepare(index: int, params, tokenizer, vocab_size: int) -> list[list[int]]:
+    """Check request index's processors against the vocabulary; its bad words as token ids."""
+    check_token_ids(index, params, vocab_size)
+    if not params.bad_words:
+        return []
+    if tokenizer is None:
+        raise ValueError(f"prompt {index}: bad_words need a tokenizer, and this LLM has none")
+    return bad_words_token_ids(params.bad_words, tokenizer)
