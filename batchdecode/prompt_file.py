@@ -57,6 +57,12 @@ SAMPLING_FIELDS = {
     "stop_token_ids": (lambda x: isinstance(x, list) and all(map(_is_int, x)), "a list of integers"),
     "ignore_eos": (lambda x: isinstance(x, bool), "true or false"),
     "logprobs": (lambda x: x is None or _is_int(x), "an integer or null"),
+    "repetition_penalty": (_is_number, "a number"),
+    "presence_penalty": (_is_number, "a number"),
+    "frequency_penalty": (_is_number, "a number"),
+    "bad_words": (_is_str_list, "a list of strings"),
+    "logit_bias": (lambda x: isinstance(x, dict) and all(map(_is_number, x.values())), "an object of token id: number"),
+    "allowed_token_ids": (lambda x: isinstance(x, list) and all(map(_is_int, x)), "a list of integers"),
 }
 
 
