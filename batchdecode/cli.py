@@ -380,6 +380,9 @@ def _finished(llm, prompt_ids: list[list[int]], params: list, indices: list[int]
 
 def _record(request: PromptLine, output) -> dict:
     """One line: the completion's fields beside the id, or with n > 1 a list of them under "outputs"."""
+    if request.api is not None:   # an OpenAI batch input gets OpenAI batch output lines
+        from .openai_batch import record
+        return record(request, output)
     num_prompt_tokens = len(output.prompt_token_ids)
     if len(output.outputs) == 1:
         return dict(id=request.id, **_completion_record(output.outputs[0], num_prompt_tokens=num_prompt_tokens))

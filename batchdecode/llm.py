@@ -189,6 +189,8 @@ class LLM:
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
         cumulative = None if seq.logprobs is None else sum(lp.logprob for lp in seq.logprobs)
+        if seq.logprobs and self.tokenizer is not None:
+            fill_decoded_tokens(seq.logprobs, self.tokenizer)
         return CompletionOutput(index=seq.sample_index, text=self._text(seq), token_ids=seq.completion_token_ids,
                                 finish_reason=seq.finish_reason, logprobs=seq.logprobs, cumulative_logprob=cumulative)
 

@@ -16,7 +16,7 @@ class Logprob:
 
     logprob: float
     rank: int | None = None           # 1 + the number of tokens strictly more likely
-    decoded_token: str | None = None  # the token's text, in prompt_logprobs when the LLM has a tokenizer
+    decoded_token: str | None = None  # the token's text, when the LLM has a tokenizer
 
 
 @dataclass(slots=True)
@@ -31,7 +31,7 @@ class TokenLogprobs(Mapping):
     logprob: float                   # its log-probability
     top_logprobs: dict[int, float]   # the N most likely tokens (N = SamplingParams.logprobs), most likely first
     rank: int | None = None          # the token's rank (1 = most likely)
-    decoded_tokens: dict[int, str] | None = None   # token id -> text, where filled in (prompt_logprobs)
+    decoded_tokens: dict[int, str] | None = None   # token id -> text, when the LLM has a tokenizer
 
     def __getitem__(self, token_id: int) -> Logprob:
         decoded = None if self.decoded_tokens is None else self.decoded_tokens.get(token_id)

@@ -29,6 +29,7 @@ class PromptLine:
     messages: list[dict] | None = None
     prompt_token_ids: list[int] | None = None
     overrides: dict = field(default_factory=dict)   # per-line SamplingParams fields
+    api: object | None = None   # an OpenAI batch line's openai_batch.BatchRequest: its output takes that format
 
 
 def _is_int(x) -> bool:
@@ -78,6 +79,9 @@ def read_prompt_file(path: str | Path) -> list[PromptLine]:
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     parse = _parse_txt_line if suffix == ".txt" else _parse_jsonl_line
+    from . import openai_batch   # here: it imports this module
+    if suffix == ".jsonl" and openai_batch.is_batch(next((line for line in text.split("\n") if line.strip()), "")):
+        parse = openai_batch.parse_line
     # split("\n"), not splitlines(): the latter also breaks on characters JSON strings may hold (U+2028...).
     requests = [parse(line.removesuffix("\r"), number)
                 for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
