@@ -38,6 +38,8 @@ ROW_SEARCH = 128  # cu_q_lens entries a program reads per step while finding its
 # Head dims the compile report builds: every padded size from 16 to the largest, and the dims models use that are
 # not powers of two. Any other dim up to MAX_TRITON_HEAD_DIM takes the same tile as its padded size.
 COMPILED_HEAD_DIMS = (8, 16, 32, 48, 64, 80, 96, 112, 128, 160, 192, MAX_TRITON_HEAD_DIM)
+# Head dims whose soft-capped variant (Gemma 2) the compile report builds as well.
+SOFTCAP_HEAD_DIMS = (128, 256)
 LOG2E = 1.4426950408889634
 
 
@@ -64,8 +66,9 @@ def tile_config(dtype: torch.dtype, head_dim_pad: int, arch: int) -> TileConfig:
     fp32 runs an exact FMA dot (no tf32) on 16-row tiles.
     """
     if dtype == torch.float32:
+        # two stages over head dim 64: the window's masks need the registers a third stage would take
         block_n = 32 if head_dim_pad <= 64 else 16
-        return TileConfig(block_m=16, block_n=block_n, num_warps=4, num_stages=3)
+        return TileConfig(block_m=16, block_n=block_n, num_warps=4, num_stages=3 if head_dim_pad <= 64 else 2)
     if head_dim_pad == 256:
         return TileConfig(block_m=32, block_n=32, num_warps=8, num_stages=2)
     if arch >= 90:
@@ -85,15 +88,26 @@ def _find_row(cu_q_lens, q_block, num_rows, block_q, SEARCH: tl.constexpr):
     return row
 
 
-@triton.jit(do_not_specialize=["num_rows", "num_q_blocks", "num_splits", "has_kv_start", "stride_bt"])
+@triton.jit
+def _tanh(x):
+    """tanh from exp2 (Triton has no tanh of its own that the interpreter runs too); elementwise, so a score's
+    bits never depend on its neighbours."""
+    e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit(do_not_specialize=["num_rows", "num_q_blocks", "num_splits", "has_kv_start", "stride_bt", "window"])
 def _paged_attention_kernel(
     out, q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start,
     part_acc, part_max, part_sum,
     scale_log2,  # softmax scale * log2(e): scores live in log2 units so exp2 does the softmax
+    cap_in, cap_out,  # with SOFTCAP: score = tanh(q.k * cap_in) * cap_out, in log2 units
+    window,  # a query sees slots max(start, own - window + 1) .. own; 0: no window
     num_rows, num_q_blocks, num_heads, num_kv_heads, group, head_chunks, log2_group_block, log2_block_size,
     stride_q_tok, stride_q_head, stride_bt, num_splits, has_kv_start,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, SEARCH: tl.constexpr, INTERPRET: tl.constexpr,
+    SPLIT: tl.constexpr, SEARCH: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # programs 0 .. num_q_blocks - 1 take query tiles (and split 0 of decode rows); the rest take
     # splits 1 .. num_splits - 1 of each row, row-major, and leave at once unless the row decodes
@@ -122,6 +136,15 @@ def _paged_attention_kernel(
     row_splits = tl.where(is_decode, tl.maximum(tl.cdiv(kv_len - start, SPLIT), 1), 1)
     if split >= row_splits:
         return
+    # the window's first slot for the tile's first query (the lowest of the tile); splits and KV tiles are still
+    # counted from kv_start, and those wholly before it are skipped: for every query they would fold as exact
+    # no-ops, so a query's bits are the same in any tile and as a decode row
+    win_lo = start
+    if window > 0:
+        win_lo = tl.maximum(start, kv_len - q_len + q_first - window + 1)
+    first_split = (win_lo - start) // SPLIT
+    if is_decode & (split < first_split):  # a decode row's split wholly before its window: nothing to do
+        return
 
     # tile rows: m = query * group_block + head within the group
     kv_dtype = k_cache.dtype.element_ty
@@ -133,7 +156,8 @@ def _paged_attention_kernel(
     head_in_group = chunk * group_block + (offs_m & (group_block - 1))
     head = kv_head * group + head_in_group
     row_valid = (q_idx < q_len) & (head_in_group < group)
-    q_slot = kv_len - q_len + q_idx  # KV slot of each query: it sees slots start .. q_slot
+    q_slot = kv_len - q_len + q_idx  # KV slot of each query: it sees slots q_from .. q_slot
+    q_from = tl.where(window > 0, tl.maximum(q_slot - window + 1, start), start)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_valid = offs_d < HEAD_DIM
     q_tok = (q_lo + q_idx).to(tl.int64)
@@ -154,15 +178,16 @@ def _paged_attention_kernel(
     m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_all = tl.zeros([BLOCK_M], tl.float32)
     acc_all = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    for s_idx in range(split, last_split):
+    for s_idx in range(tl.maximum(split, first_split), last_split):
         kv_lo = start + s_idx * SPLIT
         split_hi = tl.minimum(kv_lo + SPLIT, kv_hi)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-        for tile in range(kv_lo, split_hi, BLOCK_N):
+        tile_from = kv_lo + tl.maximum(win_lo - kv_lo, 0) // BLOCK_N * BLOCK_N
+        for tile in range(tile_from, split_hi, BLOCK_N):
             offs_n = tile + tl.arange(0, BLOCK_N)
-            n_valid = offs_n < split_hi
+            n_valid = (offs_n < split_hi) & (offs_n >= win_lo)  # slots before every query's window: not read
             page = tl.load(pages + (offs_n >> log2_block_size), mask=n_valid, other=0)
             slot = page.to(tl.int64) * page_stride + (offs_n & ((1 << log2_block_size) - 1)) * tok_stride
             kv_offs = slot[:, None] + offs_d[None, :]
@@ -171,10 +196,15 @@ def _paged_attention_kernel(
             v = tl.load(v_base + kv_offs, mask=kv_mask, other=0.0).to(dot_dtype)
 
             if INTERPRET:  # see "row-invariant dot" in triton_common
-                s = tl.sum(q_tile[:, None, :] * k[None, :, :], axis=2) * scale_log2
+                s = tl.sum(q_tile[:, None, :] * k[None, :, :], axis=2)
             else:
-                s = tl.dot(q_tile, tl.trans(k), input_precision="ieee") * scale_log2
-            s = tl.where(offs_n[None, :] <= q_slot[:, None], s, float("-inf"))
+                s = tl.dot(q_tile, tl.trans(k), input_precision="ieee")
+            if SOFTCAP:  # a compile-time switch: a runtime branch here costs every model registers
+                s = _tanh(s * cap_in) * cap_out
+            else:
+                s = s * scale_log2
+            visible = (offs_n[None, :] <= q_slot[:, None]) & (offs_n[None, :] >= q_from[:, None])
+            s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # a row with nothing visible yet keeps m = -inf; subtract 0 there, not -inf, to avoid NaN
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -236,10 +266,10 @@ def _expand_like(weight, acc):
         return weight
 
 
-@triton.jit(do_not_specialize=["num_splits", "has_kv_start"])
+@triton.jit(do_not_specialize=["num_splits", "has_kv_start", "window"])
 def _merge_splits_kernel(
     out, part_acc, part_max, part_sum, cu_q_lens, kv_lens, kv_start,
-    num_heads, num_splits, has_kv_start,
+    num_heads, num_splits, has_kv_start, window,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLIT: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -259,10 +289,13 @@ def _merge_splits_kernel(
     base = (row * num_heads + head).to(tl.int64) * num_splits
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_valid = offs_d < HEAD_DIM
+    first_split = 0
+    if window > 0:  # the splits wholly before the window were never computed
+        first_split = (tl.maximum(start, kv_len - window) - start) // SPLIT
     m = float("-inf")
     total = 0.0
     acc = tl.zeros([HEAD_DIM_PAD], tl.float32)
-    for split in range(0, row_splits):  # in split order, as a query tile folds them
+    for split in range(first_split, row_splits):  # in split order, as a query tile folds them
         part_m = tl.load(part_max + base + split)
         part_l = tl.load(part_sum + base + split)
         part = tl.load(part_acc + (base + split) * HEAD_DIM + offs_d, mask=d_valid, other=0.0)
@@ -282,6 +315,8 @@ def paged_attention(
     *,
     kv_start: Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Causal attention of packed queries over a paged KV cache; see reference.paged_attention.
 
@@ -311,6 +346,8 @@ def paged_attention(
     has_kv_start = kv_start is not None
     kv_start = kv_start if has_kv_start else kv_lens  # never read
     scale = head_dim**-0.5 if scale is None else scale
+    cap_in, cap_out = (scale / softcap, softcap * LOG2E) if softcap else (0.0, 0.0)
+    window = int(window or 0)
 
     # query tiles (vLLM numbering: row s owns tiles cu_q_lens[s] // block_q + s onwards), then the extra
     # splits of every row; a row's query tiles never exceed that bound, whatever cu_q_lens holds
@@ -318,16 +355,16 @@ def paged_attention(
     grid = (num_q_blocks + num_rows * (num_splits - 1), num_kv_heads * head_chunks)
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start, *parts,
-        scale * LOG2E, num_rows, num_q_blocks, num_heads, num_kv_heads, group, head_chunks,
+        scale * LOG2E, cap_in, cap_out, window, num_rows, num_q_blocks, num_heads, num_kv_heads, group, head_chunks,
         group_block.bit_length() - 1, block_size.bit_length() - 1,
         q.stride(0), q.stride(1), block_table.stride(0), num_splits, int(has_kv_start),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        SPLIT=SPLIT_TOKENS, SEARCH=ROW_SEARCH, INTERPRET=INTERPRET,
+        SPLIT=SPLIT_TOKENS, SEARCH=ROW_SEARCH, SOFTCAP=bool(softcap), INTERPRET=INTERPRET,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_rows, num_heads)](
-            out, *parts, cu_q_lens, kv_lens, kv_start, num_heads, num_splits, int(has_kv_start),
+            out, *parts, cu_q_lens, kv_lens, kv_start, num_heads, num_splits, int(has_kv_start), window,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLIT=SPLIT_TOKENS,
             INTERPRET=INTERPRET, num_warps=_merge_warps(head_dim_pad),
         )
@@ -350,9 +387,9 @@ def _merge_warps(head_dim_pad: int) -> int:
 
 def compile_specs(arch: int) -> list[CompileSpec]:
     """The kernel configurations the launcher picks on sm_{arch}: one per (dtype, head dim) for each kernel, for
-    the head dims of COMPILED_HEAD_DIMS.
+    the head dims of COMPILED_HEAD_DIMS, and the soft-capped attention kernel for SOFTCAP_HEAD_DIMS.
 
-    Group size, page size, batch shape and kv_start are runtime arguments, so they add no variants.
+    Group size, page size, batch shape, kv_start and the window are runtime arguments, so they add no variants.
     """
     specs = []
     for dtype in DTYPES:
@@ -360,12 +397,13 @@ def compile_specs(arch: int) -> list[CompileSpec]:
         for head_dim in COMPILED_HEAD_DIMS:
             pad = pad_head_dim(head_dim)
             cfg = tile_config(dtype, pad, arch)
-            specs.append(CompileSpec(
-                name=f"paged_attention[{ty},D={head_dim}]", fn=_paged_attention_kernel,
-                signature=_attention_signature(ty),
-                constexprs=dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                SPLIT=SPLIT_TOKENS, SEARCH=ROW_SEARCH, INTERPRET=False),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            for softcap in (False, True) if head_dim in SOFTCAP_HEAD_DIMS else (False,):
+                specs.append(CompileSpec(
+                    name=f"paged_attention[{ty},D={head_dim}{',softcap' if softcap else ''}]",
+                    fn=_paged_attention_kernel, signature=_attention_signature(ty),
+                    constexprs=dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                    SPLIT=SPLIT_TOKENS, SEARCH=ROW_SEARCH, SOFTCAP=softcap, INTERPRET=False),
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             specs.append(CompileSpec(
                 name=f"paged_attention_merge[{ty},D={head_dim}]", fn=_merge_splits_kernel,
                 signature=_merge_signature(ty),
@@ -378,18 +416,19 @@ def compile_specs(arch: int) -> list[CompileSpec]:
 def _attention_signature(ty: str) -> dict[str, str]:
     sig = {"out": f"*{ty}", "q": f"*{ty}", "k_cache": f"*{ty}", "v_cache": f"*{ty}", "block_table": "*i32",
            "cu_q_lens": "*i32", "kv_lens": "*i32", "kv_start": "*i32", "part_acc": "*fp32", "part_max": "*fp32",
-           "part_sum": "*fp32", "scale_log2": "fp32"}
+           "part_sum": "*fp32", "scale_log2": "fp32", "cap_in": "fp32", "cap_out": "fp32", "window": "i32"}
     for name in ("num_rows", "num_q_blocks", "num_heads", "num_kv_heads", "group", "head_chunks", "log2_group_block",
                  "log2_block_size", "stride_q_tok", "stride_q_head", "stride_bt", "num_splits", "has_kv_start"):
         sig[name] = "i32"
-    for name in ("HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_M", "BLOCK_N", "SPLIT", "SEARCH", "INTERPRET"):
+    for name in ("HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_M", "BLOCK_N", "SPLIT", "SEARCH", "SOFTCAP", "INTERPRET"):
         sig[name] = "constexpr"
     return sig
 
 
 def _merge_signature(ty: str) -> dict[str, str]:
     sig = {"out": f"*{ty}", "part_acc": "*fp32", "part_max": "*fp32", "part_sum": "*fp32", "cu_q_lens": "*i32",
-           "kv_lens": "*i32", "kv_start": "*i32", "num_heads": "i32", "num_splits": "i32", "has_kv_start": "i32"}
+           "kv_lens": "*i32", "kv_start": "*i32", "num_heads": "i32", "num_splits": "i32", "has_kv_start": "i32",
+           "window": "i32"}
     for name in ("HEAD_DIM", "HEAD_DIM_PAD", "SPLIT", "INTERPRET"):
         sig[name] = "constexpr"
     return sig

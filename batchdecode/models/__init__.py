@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..kernels.checks import DTYPES, MAX_TRITON_HEAD_DIM
+from .gemma import Gemma
 from .gpt2 import GPT2
 from .llama import Llama
 
@@ -17,6 +18,8 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": Llama,
     "Qwen2ForCausalLM": Llama,
     "Qwen3ForCausalLM": Llama,
+    "Gemma2ForCausalLM": Gemma,
+    "Gemma3ForCausalLM": Gemma,
     "GPT2LMHeadModel": GPT2,
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODEL_CLASSES)

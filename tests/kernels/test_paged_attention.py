@@ -297,11 +297,90 @@ def test_head_dims_over_the_tile_are_refused_by_the_kernel_only():
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_compile_specs_cover_every_choice(arch):
-    """One attention and one merge spec per dtype and head dim, each naming exactly the kernel's arguments."""
+    """One attention and one merge spec per dtype and head dim (and a soft-capped attention spec for Gemma 2's head
+    dims), each naming exactly the kernel's arguments."""
     specs = triton_module.compile_specs(arch)
-    assert len(specs) == 2 * len(triton_module.DTYPES) * len(triton_module.COMPILED_HEAD_DIMS)
+    per_dtype = 2 * len(triton_module.COMPILED_HEAD_DIMS) + len(triton_module.SOFTCAP_HEAD_DIMS)
+    assert len(specs) == len(triton_module.DTYPES) * per_dtype
     assert {triton_module.pad_head_dim(d) for d in triton_module.COMPILED_HEAD_DIMS} == {16, 32, 64, 128, 256}
     for spec in specs:
         assert list(spec.signature) == spec.fn.arg_names, spec.name
         assert set(spec.constexprs) == {n for n, kind in spec.signature.items() if kind == "constexpr"}, spec.name
         assert spec.constexprs["INTERPRET"] is False
+
+
+# ---- sliding window and soft-capping (Mistral, Qwen2's sliding layers, Gemma 2/3, Phi-3)
+
+def poison_outside_window(call: dict, rows: list[Row], window: int, block_size: int) -> dict:
+    """NaN in every slot of a row before its first query's window (no query of the call may read it)."""
+    k_cache, v_cache = call["k_cache"].clone(), call["v_cache"].clone()
+    for s, row in enumerate(rows):
+        first_visible = max(row.kv_start, row.kv_len - row.q.shape[0] - window + 1)
+        slots = torch.arange(row.kv_start, first_visible)
+        pages, offsets = call["block_table"][s, slots // block_size].long().cpu(), slots % block_size
+        k_cache[pages, offsets] = float("nan")
+        v_cache[pages, offsets] = float("nan")
+    return {**call, "k_cache": k_cache, "v_cache": v_cache}
+
+
+WINDOW_CASES = [  # dtype, window, softcap, block_size, mode
+    (F32, 1, None, 16, "decode"),  # a query sees only itself
+    (F32, 70, None, 4, "decode"),  # over a split: the splits before the window are skipped
+    (BF16, 17, None, 16, "chunked"),
+    (F16, 40, 30.0, 1, "prefill"),
+    (F32, None, 5.0, 16, "chunked"),  # soft-capping alone, a cap the scores reach
+    (BF16, 100, 50.0, 16, "decode"),
+]
+
+
+@pytest.mark.parametrize("dtype,window,softcap,block_size,mode", WINDOW_CASES,
+                         ids=[f"{str(c[0])[6:]}-W{c[1]}-cap{c[2]}-bs{c[3]}-{c[4]}" for c in WINDOW_CASES])
+def test_window_and_softcap_match_reference(small_splits, dtype, window, softcap, block_size, mode):
+    rows = rows_for(mode, block_size, 4, 2, 32, dtype)
+    call = pack(rows, block_size)
+    if window:
+        call = poison_outside_window(call, rows, window, block_size)
+    check({**call, "window": window, "softcap": softcap})
+
+
+def test_window_of_the_float64_reference_is_plain_masked_attention():
+    """The twin's window and cap against attention written out densely, in float64."""
+    window, softcap, scale = 5, 2.0, 0.3
+    row = random_row(6, 20, 3, 4, 2, 16, torch.float64)
+    call = pack([row], 4)
+    out = reference.paged_attention(**call, scale=scale, window=window, softcap=softcap)
+    k, v = row.k.repeat_interleave(2, dim=1), row.v.repeat_interleave(2, dim=1)   # [visible, H, D]
+    scores = torch.einsum("qhd,khd->hqk", row.q, k) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    own = torch.arange(row.kv_len - 6, row.kv_len)[:, None] - row.kv_start
+    slot = torch.arange(k.shape[0])[None, :]
+    scores = scores.masked_fill(~((slot <= own) & (slot > own - window)), float("-inf"))
+    expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_windowed_query_bits_do_not_depend_on_how_its_prompt_is_cut(small_splits, backend, dtype):
+    """With a window (37, less than a split) and a cap: a query's bits are the same in the whole prompt, in
+    chunks cut anywhere, and as a decode row, though a decode row skips the splits wholly before its window.
+    Every slot before a call's first window holds NaN."""
+    heads, kv_heads, head_dim, block_size, start, length, window = 4, 2, 32, 16, 5, 150, 37
+    row = random_row(length - start, length, start, heads, kv_heads, head_dim, dtype)
+
+    def queries(lo: int, hi: int, seed: int) -> Tensor:
+        part = Row(q=row.q[lo - start:hi - start], k=row.k[:hi - start], v=row.v[:hi - start], kv_start=start)
+        rows = [random_row(3, 40, 0, heads, kv_heads, head_dim, dtype), part]
+        call = poison_outside_window(pack(rows, block_size, seed=seed), rows, window, block_size)
+        out = kernels.paged_attention(**call, window=window, softcap=20.0)
+        return out[3:]
+
+    with kernels.backend("auto" if backend == "triton" else "torch"):
+        whole = queries(start, length, seed=0)
+        assert not whole.isnan().any()
+        cuts = [start, start + 1, 40, start + SMALL_SPLIT + 1, 131, length]
+        chunked = torch.cat([queries(lo, hi, seed=i) for i, (lo, hi) in enumerate(zip(cuts, cuts[1:]))])
+        assert torch.equal(chunked, whole), "chunked prefill differs from the whole prompt"
+        for slot in (start + 3, start + SMALL_SPLIT + window - 1, start + 2 * SMALL_SPLIT + 1, length - 1):
+            decoded = queries(slot, slot + 1, seed=slot)
+            assert torch.equal(decoded, whole[slot - start:slot - start + 1]), f"query at slot {slot} as a decode row"
