@@ -11,10 +11,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PretrainedConfig,
-                          PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig,
+                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gemma2", "gemma3")
+# Architectures added for issue 20, kept smaller still (head dim 16), with a sliding window of 8 tokens on their
+# local layers so that short tests run past it.
+WINDOW = 8
 VOCAB_SIZE = 512
 EOS, BOS, PAD = "<|endoftext|>", "<|startoftext|>", "<|pad|>"
 CHAT_TEMPLATE = (
@@ -63,6 +66,15 @@ def tiny_config(arch: str) -> PretrainedConfig:
         return Qwen3Config(**decoder)
     if arch == "mistral":
         return MistralConfig(**decoder, sliding_window=None)
+    small = dict(decoder, hidden_size=64, intermediate_size=128, head_dim=16)
+    local_global = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
+    if arch == "gemma2":  # attention and final soft-capping low enough that random weights reach them
+        return Gemma2Config(**small, **local_global, query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
+                            final_logit_softcapping=3.0)
+    if arch == "gemma3":  # local and global layers rotate with their own rope bases
+        return Gemma3TextConfig(**small, **local_global, query_pre_attn_scalar=24, rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
     raise ValueError(f"unknown tiny architecture {arch!r}; choose from {ARCHITECTURES}")
 
 

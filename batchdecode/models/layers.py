@@ -1,6 +1,7 @@
 """Small pieces the model files share."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from batchdecode import kernels
@@ -20,3 +21,23 @@ def linear(x: Tensor, layer: nn.Module) -> Tensor:
     if type(layer).__name__ == "Conv1D":
         return kernels.linear(x, layer.weight.t(), layer.bias)
     return layer(x)
+
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+def gelu_tanh_and_mul(x: Tensor) -> Tensor:
+    """GeGLU: gelu_tanh(gate) * up for x = [gate | up] along the last dim, in float32, rounded once.
+
+    Spelled out from elementwise ops: torch's own CPU gelu(approximate="tanh") gives an element different bits in
+    its vectorised body and its scalar tail (so a row's bits would depend on where it lands in the batch), while
+    tanh, * and + give every element the same bits wherever it sits, on the CPU and on CUDA.
+    """
+    gate, up = x.float().chunk(2, dim=-1)
+    inner = _SQRT_2_OVER_PI * (gate + 0.044715 * (gate * gate * gate))
+    return (0.5 * gate * (1.0 + torch.tanh(inner)) * up).to(x.dtype)
+
+
+def soft_cap(x: Tensor, cap: float) -> Tensor:
+    """cap * tanh(x / cap), elementwise (Gemma's final logits)."""
+    return torch.tanh(x / cap) * cap

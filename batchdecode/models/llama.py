@@ -29,6 +29,7 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.scaling = hf_attn.scaling
+        self.window = sliding_window(hf_attn, config)
 
     def forward(self, x: Tensor, batch: ForwardBatch, kv_cache: KVCache, cos_sin: Tensor) -> Tensor:
         num_tokens = x.shape[0]
@@ -41,7 +42,7 @@ class LlamaAttention(nn.Module):
         k_cache, v_cache = kv_cache
         kernels.rope_and_store_kv(q, k, v, batch.positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
         out = kernels.paged_attention(q, k_cache, v_cache, batch.block_table, batch.cu_q_lens, batch.kv_lens,
-                                      scale=self.scaling)
+                                      scale=self.scaling, window=self.window)
         return linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj)
 
 
@@ -75,11 +76,8 @@ class LlamaDecoderLayer(nn.Module):
 class Llama(nn.Module):
     """LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM on paged KV caches.
 
-    `max_position` is max_position_embeddings, capped where transformers' results would otherwise change with
-    length in a way a paged cache cannot follow: at the sliding window (Mistral's sliding_window, Qwen's
-    use_sliding_window layers) since within the window sliding-window attention equals full attention, and at
-    original_max_position_embeddings for longrope. Dynamic-NTK rope equals plain rope up to
-    max_position_embeddings, so it needs no cap.
+    `max_position` is max_position_embeddings, capped at original_max_position_embeddings for longrope (see
+    limits.py). Sliding windows (Mistral's, Qwen's sliding layers) run in the attention kernel, to any length.
     """
 
     def __init__(self, hf_model: PreTrainedModel):
@@ -110,6 +108,13 @@ class Llama(nn.Module):
         rows = batch.logits_indices
         hidden, _ = _rms_norm(hidden[rows], self.norm, residual[rows])
         return linear(hidden, self.lm_head).float()
+
+
+def sliding_window(hf_attn: nn.Module, config: PretrainedConfig) -> int | None:
+    """The layer's window: Qwen2/3 mark it per layer (None on full layers), Mistral's config sets it for all."""
+    if hasattr(hf_attn, "sliding_window"):
+        return hf_attn.sliding_window or None
+    return getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
 
 
 def _rms_norm(x: Tensor, norm: nn.Module, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -6,6 +6,8 @@ inv_freq buffer, and transformers then rotates with the rounded frequencies) is 
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import Tensor, nn
 
@@ -55,3 +57,14 @@ def _start_inv_freq(rotary_emb: nn.Module) -> Tensor:
     if any(kind in _rope_type(rotary_emb) for kind in _LENGTH_DEPENDENT):
         return getattr(rotary_emb, "original_inv_freq", rotary_emb.inv_freq)
     return rotary_emb.inv_freq
+
+
+def layer_type_rotary(rotary_emb: nn.Module, layer_type: str) -> nn.Module | SimpleNamespace:
+    """The rotary of one layer type, for build_cos_sin_cache: Gemma 3's module holds one set of frequencies per
+    type (`sliding_attention_inv_freq`, ...) with its own base; a module with one set serves every type."""
+    if not hasattr(rotary_emb, f"{layer_type}_inv_freq"):
+        return rotary_emb
+    return SimpleNamespace(inv_freq=getattr(rotary_emb, f"{layer_type}_inv_freq"),
+                           original_inv_freq=getattr(rotary_emb, f"{layer_type}_original_inv_freq"),
+                           attention_scaling=getattr(rotary_emb, f"{layer_type}_attention_scaling"),
+                           rope_type=rotary_emb.rope_type[layer_type])

@@ -29,6 +29,12 @@ VARIANTS = {
     "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
     "llama-rope-llama3": ("llama", {"rope_parameters": dict(rope_theta=10000.0, **_LLAMA3)}),
     "llama-rope-yarn": ("llama", {"rope_parameters": dict(rope_theta=10000.0, **_YARN)}),
+    # rows run past the window of 8: the kernel's sliding window
+    "mistral-window": ("mistral", {"sliding_window": 8}),
+    "qwen2-sliding-layers": ("qwen2", {"use_sliding_window": True, "sliding_window": 8,
+                                       "layer_types": ["full_attention", "sliding_attention"]}),
+    "gemma2": ("gemma2", {}),  # soft-capped scores and logits, local/global layers, GeGLU, (1 + w) norms
+    "gemma3": ("gemma3", {}),  # per-head q/k norms, a rope base per layer type
 }
 
 
@@ -180,20 +186,14 @@ def test_activation_other_than_silu_is_refused():
         load_model(make_hf("llama", {"hidden_act": "gelu"}))
 
 
-def test_sliding_window_caps_the_context(twins):
-    mistral = make_hf("mistral", {"sliding_window": 16})
-    model, _ = load_model(mistral)
-    assert model.max_position == 16
-    # Within the window the model equals HF's sliding-window model exactly.
-    steps = PagedSteps(model)
-    gen = torch.Generator().manual_seed(5)
-    a = steps.add_row()
-    outputs = [steps.step({a: random_tokens(gen, 12)}, all_logits=True), steps.step({a: random_tokens(gen, 4)})]
-    assert_steps_match_hf(mistral, steps, outputs)
-
-
-def test_qwen_sliding_layers_cap_the_context():
-    config = tiny_config("qwen2")
-    assert load_model(make_hf("qwen2"))[0].max_position == config.max_position_embeddings
+def test_sliding_windows_do_not_cap_the_context():
+    """Each layer passes its own window to the kernel (None on full layers); the context is the model's own."""
+    mistral, _ = load_model(make_hf("mistral", {"sliding_window": 16}))
+    assert mistral.max_position == tiny_config("mistral").max_position_embeddings
+    assert [layer.self_attn.window for layer in mistral.layers] == [16, 16]
     overrides = {"use_sliding_window": True, "sliding_window": 32, "layer_types": ["full_attention", "sliding_attention"]}
-    assert load_model(make_hf("qwen2", overrides))[0].max_position == 32
+    qwen2, _ = load_model(make_hf("qwen2", overrides))
+    assert qwen2.max_position == tiny_config("qwen2").max_position_embeddings
+    assert [layer.self_attn.window for layer in qwen2.layers] == [None, 32]
+    gemma, _ = load_model(make_hf("gemma2"))
+    assert [layer.self_attn.window for layer in gemma.layers] == [8, None]
