@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from .intake import pages_for
 from .prefix_cache import PrefixCache
 from .sequence import Sequence
 
@@ -32,7 +33,7 @@ class BlockManager:
         return self.num_blocks - len(self.free)
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return pages_for(num_tokens, self.block_size)
 
     def cached_prefix(self, seq: Sequence) -> tuple[list[int], bool]:
         """A waiting seq's cached prefix pages, and whether it should wait for the next page, now being computed."""

@@ -10,9 +10,7 @@ order. Rerunning the same command skips the results already done. `--output -` s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import re
 import signal
 import stat
 import sys
@@ -21,15 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .engine_config import EngineConfig
-from .prompt_file import InputError, PromptLine, is_seed, read_prompt_file
+# Only light modules at the top: torch and transformers load inside main(), where Ctrl-C is one line and exit 130.
+from .intake import RequestError
+from .prompt_file import InputError, PromptLine, load_prompt_file
 from .results_file import Manifest, ResultsFile, ResultsWriter, journal_path
-from .score import add_parser as add_score_parser, score
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+INTERRUPTED = 130   # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:   # while loading or checking; nothing was written
+        print("batchdecode: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
+    from .score import score
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -40,12 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, OSError) as e:   # OSError: a file we cannot read or write (permissions, disk full)
         print(f"batchdecode: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:   # before generation started; nothing was written
+
+
+def exit_if_started_as_cli() -> None:
+    """Called when Ctrl-C lands while `import batchdecode` loads torch and transformers (before main() runs):
+    the command says one line and exits 130; a program importing batchdecode gets its KeyboardInterrupt."""
+    argv = getattr(sys, "orig_argv", sys.argv)
+    as_module = any(a == "-m" and b.startswith("batchdecode") for a, b in zip(argv, argv[1:]))
+    if as_module or Path(sys.argv[0] if sys.argv else "").name == "batchdecode":
         print("batchdecode: interrupted", file=sys.stderr)
-        return 130
+        raise SystemExit(INTERRUPTED)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engine_config import EngineConfig
+    from .score import add_parser as add_score_parser
+
     parser = argparse.ArgumentParser(prog="batchdecode", description="Exact, fast batched LLM generation.")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser(
@@ -77,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="completions per prompt; n > 1 writes them as a list under \"outputs\"")
     gen.add_argument("--chat", action="store_true",
                      help="render plain prompts with the tokenizer's chat template as one user message")
+    gen.add_argument("--trust-remote-code", action="store_true",
+                     help="run the tokenizer code a model folder ships (its auto_map); without it such a folder "
+                          "is refused")
     engine = gen.add_argument_group("engine")
     engine.add_argument("--dtype", choices=DTYPES, default="auto", help="default: the checkpoint's")
     engine.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -105,7 +127,8 @@ def _positive_int(text: str) -> int:
 def generate(args: argparse.Namespace) -> int:
     base = _sampling_options(args)
     _check_options(args, base)
-    requests = read_prompt_file(args.input)
+    prompts = load_prompt_file(args.input)   # read once: the journal records the digest of the bytes parsed
+    requests = prompts.requests
     params = [_params_for(request, base) for request in requests]
     stream = _stream(args.output)
     if stream is not None:   # stdout, a pipe or a device: written once, in input order, no resume
@@ -118,7 +141,8 @@ def generate(args: argparse.Namespace) -> int:
                 stream.close()
     _check_output_path(args)
     folder = _servable_model(args)   # a model the kernels cannot run is refused before the journal exists
-    results = ResultsFile(args.output, [r.id for r in requests], _manifest(args), overwrite=args.overwrite)
+    results = ResultsFile(args.output, [r.id for r in requests], _manifest(args, folder, prompts.sha256),
+                          overwrite=args.overwrite)
     try:
         done = results.done()
         if len(done) == len(requests):   # (the last few may be only in the journal: the writer moves them over)
@@ -134,12 +158,12 @@ def generate(args: argparse.Namespace) -> int:
 def _check_options(args: argparse.Namespace, base: dict) -> None:
     from .sampling_params import SamplingParams
 
-    if args.seed is not None and not is_seed(args.seed):
-        raise InputError(f"--seed {args.seed}: must be from 0 to 2**64 - 1")
     try:
         SamplingParams(**base)
-    except ValueError as e:
-        raise InputError(f"bad option: {e}") from None
+    except ValueError as e:   # SamplingParams names the field first ("seed must be ..."): name the option
+        field = str(e).split(maxsplit=1)[0]
+        option = f"--{field.replace('_', '-')}: " if field in base else "bad option: "
+        raise InputError(f"{option}{e}") from None
     if args.device is not None:
         _check_device(args.device)
     if args.ray_address is not None and args.replicas is None:
@@ -188,21 +212,23 @@ def _is_stdout(found: os.stat_result) -> bool:
 def _check_output_path(args: argparse.Namespace) -> None:
     if args.output.resolve() == args.input.resolve():
         raise InputError("--output must not be the input file")
+    if args.output.is_dir():
+        raise InputError(f"--output {args.output} is a folder")
     if not args.output.parent.is_dir():
         raise InputError(f"--output {args.output}: folder {args.output.parent} does not exist")
 
 
-def _manifest(args: argparse.Namespace) -> Manifest:
+def _manifest(args: argparse.Namespace, folder: Path, input_sha256: str) -> Manifest:
     """What produced the results, for the journal. Scheduling options are recorded but not decisive: a row's
-    output does not depend on its batch, its pages or max_model_len, so a rerun may change them."""
-    import torch
+    output does not depend on its batch, its pages or max_model_len, so a rerun may change them. The weights are
+    identified by their files (checkpoint.fingerprint): a folder overwritten between two runs is not resumed."""
+    from .checkpoint import fingerprint
+    from .intake import default_device
 
-    folder = Path(args.model).expanduser()
-    model = str(folder.resolve()) if folder.is_dir() else args.model
     # The default device resolved: a run begun on a GPU machine and resumed on a CPU one would mix numerics.
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    decisive = dict(input_sha256=hashlib.sha256(args.input.read_bytes()).hexdigest(), model=model,
-                    chat=args.chat, sampling=_sampling_options(args), dtype=args.dtype, device=device)
+    decisive = dict(input_sha256=input_sha256, model=str(folder.resolve()), weights=fingerprint(folder),
+                    chat=args.chat, sampling=_sampling_options(args), dtype=args.dtype,
+                    device=str(default_device(args.device)))
     recorded = dict(input=str(args.input.resolve()), max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                     max_model_len=args.max_model_len)
@@ -213,18 +239,18 @@ def _servable_model(args: argparse.Namespace) -> Path:
     """The model folder, its config checked against what the kernels serve (dtype, head dim on the device)."""
     from transformers import AutoConfig
 
-    from .llm import _default_device_dtype
+    from .intake import default_device
     from .model_source import resolve_model
     from .models import check_servable
 
     folder = resolve_model(args.model, progress=not args.no_progress)
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)   # the models are batchdecode's own
     except (OSError, ValueError) as error:   # not JSON, or no model_type transformers knows
         reason = (str(error).strip().splitlines() or [""])[0]
         raise InputError(f"--model {args.model}: {folder / 'config.json'} is not a model config transformers "
                          f"can read: {reason}") from None
-    device, _ = _default_device_dtype(str(folder), args.device, None)
+    device = default_device(args.device)
     try:
         check_servable(config, None if args.dtype == "auto" else args.dtype, device, f"--model {args.model}")
     except ValueError as error:
@@ -238,9 +264,9 @@ def _generate(args, folder: Path, requests: list[PromptLine], params: list, make
     engine is ready, so that a failed load leaves the output as it was."""
     from .prompt_tokens import load_tokenizer, tokenize_all
 
-    tokenizer = load_tokenizer(folder)
-    prompt_ids = tokenize_all(requests, [p.max_tokens for p in params], tokenizer, folder, chat=args.chat,
-                              max_model_len=args.max_model_len)
+    tokenizer = load_tokenizer(folder, trust_remote_code=args.trust_remote_code)
+    prompt_ids = tokenize_all(requests, params, tokenizer, folder, chat=args.chat, max_model_len=args.max_model_len,
+                              block_size=args.block_size)
     llm = _load_engine(args, folder, tokenizer)
     todo = [i for i in range(len(requests)) if i not in done]
     return _run(args, llm, requests, params, prompt_ids, todo, make_writer(), results)
@@ -293,8 +319,11 @@ def _run(args, llm, requests, params, prompt_ids, todo: list[int], writer: Resul
         return 130
     except InputError:
         raise
-    except (ValueError, RuntimeError) as e:   # the engine refusing or failing a request
-        raise _engine_error(e, requests, todo) from None
+    except RequestError as e:   # the engine refusing or failing requests, by their index in its call
+        raise InputError(f"{_lines([requests[todo[i]] for i in e.indices])}: {e.reason}") from None
+    except (ValueError, RuntimeError) as e:
+        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"generation failed: {type(e).__name__}: {message}") from None
     finally:
         bar.close()
         writer.close()
@@ -312,19 +341,8 @@ def _write(writer: ResultsWriter, index: int, request: PromptLine, output) -> No
                          "cannot hold; it was not written") from None
 
 
-# The engine names requests by their index in the list it was given ("prompt 3: ...", "requests 0, 2: ...");
-# the user knows input lines.
-_REQUEST_INDICES = re.compile(r"^(?:prompt|request)s? (\d+(?:, \d+)*)\b")
-
-
-def _engine_error(error: Exception, requests: list[PromptLine], todo: list[int]) -> InputError:
-    message = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    match = _REQUEST_INDICES.match(message)
-    indices = [int(i) for i in match[1].split(", ")] if match else []
-    if indices and max(indices) < len(todo):
-        lines = [str(requests[todo[i]].line) for i in indices]
-        return InputError(f"line{'s' * (len(lines) > 1)} {', '.join(lines)}{message[match.end():]}")
-    return InputError(f"generation failed: {type(error).__name__}: {message}")
+def _lines(requests: list[PromptLine]) -> str:
+    return f"line{'s' * (len(requests) > 1)} {', '.join(str(r.line) for r in requests)}"
 
 
 def _test_signal_hook():
@@ -349,7 +367,8 @@ def _load_engine(args, folder: Path, tokenizer):
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     options = dict(device=args.device, dtype=dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                   trust_remote_code=args.trust_remote_code)
     if args.replicas is not None:
         return _load_replicas(args, options)
     try:

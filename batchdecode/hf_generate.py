@@ -236,11 +236,12 @@ def _engine(model, prompts: list[list[int]], max_new_tokens: int):
     owner keeps that memory for the rest of their program.
     """
     from .engine_config import EngineConfig
+    from .intake import request_pages
     from .llm import LLM
 
     slot = model.__dict__.setdefault("_batchdecode_engine", _EngineSlot())
     block_size = EngineConfig().block_size
-    needed = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
+    needed = sum(request_pages(len(p), max_new_tokens, block_size) for p in prompts)
     weights = _weights_signature(model)
     if (slot.llm is None or slot.weights != weights or not _same_modules(slot.modules, model)
             or slot.llm.num_kv_blocks < needed):

@@ -13,17 +13,19 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, decode_completion
 from .engine_config import EngineConfig
+from .intake import Limits, RemoteCodeError, check, default_device, load_tokenizer, render
 from .model_runner import ModelRunner
 from .models import load_model
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .logits_processors import prepare as prepare_processors
 from .prompt_logprobs import fill_decoded_tokens
 from .sampling_params import SamplingParams
+from .structured_output import Grammars
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -40,6 +42,8 @@ class LLM:
     engine_settings: the fields of EngineConfig, where each default is written (vLLM's names); `llm.config`
     holds them resolved after start-up.
     device: CUDA when available, else CPU. dtype: bfloat16 on CUDA, float32 on CPU.
+    trust_remote_code: run the tokenizer code a model folder ships (its auto_map); off by default, and then such a
+    folder raises ValueError rather than asking on stdin. The model itself always runs batchdecode's own code.
     The KV pool holds num_kv_blocks pages of block_size tokens; by default, on CUDA it takes
     kv_cache_memory_fraction of the memory free after loading the weights, less what a step of
     max_num_batched_tokens tokens needs; on CPU it holds max_num_seqs x 512 tokens, capped at 2 GiB.
@@ -51,12 +55,14 @@ class LLM:
     of the same thread left, and a call from another thread while one is open raises RuntimeError.
     """
 
-    def __init__(self, model: str | os.PathLike | PreTrainedModel, *, tokenizer=None, **engine_settings):
+    def __init__(self, model: str | os.PathLike | PreTrainedModel, *, tokenizer=None, trust_remote_code: bool = False,
+                 **engine_settings):
         config = EngineConfig.from_kwargs("LLM()", engine_settings)
         device, dtype = _default_device_dtype(model, config.device, config.dtype)
         self.model, self.hf_config = load_model(model, dtype=dtype, device=device)
-        self.tokenizer = _load_tokenizer(model, tokenizer)
+        self.tokenizer = _load_tokenizer(model, tokenizer, trust_remote_code)
         self.eos_token_ids = _eos_token_ids(model, self.hf_config, self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.model.vocab_size, self.eos_token_ids)   # structured outputs
         self.model_runner = ModelRunner(self.model, config)   # profiles, sizes and allocates the KV pool, captures
         self.config = self.model_runner.config                # every setting resolved
         self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, self.config.block_size,
@@ -134,49 +140,21 @@ class LLM:
     def _make_sequences(self, prompts, sampling_params) -> list[Sequence]:
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
+        limits = Limits(self.model.vocab_size, self.max_model_len, self.config.block_size, self.num_kv_blocks,
+                        has_tokenizer=self.tokenizer is not None)
         seqs = []
         for index, (prompt, p) in enumerate(zip(prompts, params)):
-            text, token_ids = self._tokenize(index, prompt)
-            self._check_request(index, token_ids, p)
+            text, token_ids = render(index, prompt, self.tokenizer, self.max_model_len)
+            check(index, token_ids, p, limits)
             bad_words = prepare_processors(index, p, self.tokenizer, self.model.vocab_size)
             for i in range(p.n):   # completion i draws from its own seed, so it is reproducible alone
                 detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, p.stop) if p.stop else None
                 params = p if i == 0 else dataclasses.replace(p, seed=p.completion_seed(i))
                 seqs.append(Sequence(index, text, token_ids, params, self.eos_token_ids, detokenizer, sample_index=i))
                 seqs[-1].bad_words_token_ids = bad_words
+                if p.structured_outputs is not None:
+                    seqs[-1].grammar = self.grammars.matcher(index, p.structured_outputs)
         return seqs
-
-    def _tokenize(self, index: int, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), _token_ids(index, prompt["prompt_token_ids"])
-            if "prompt" not in prompt:
-                raise ValueError(f"prompt {index}: a dict prompt needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
-            prompt = prompt["prompt"]
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"prompt {index} is text, but this LLM has no tokenizer: pass token ids, or LLM(..., tokenizer=...)")
-            return prompt, self.tokenizer.encode(prompt)
-        return None, _token_ids(index, prompt)
-
-    def _check_request(self, index: int, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise ValueError(f"prompt {index} is empty")
-        vocab_size = self.model.vocab_size
-        if not all(0 <= t < vocab_size for t in token_ids):
-            bad = next(t for t in token_ids if not 0 <= t < vocab_size)
-            raise ValueError(f"prompt {index}: token id {bad} is outside the vocabulary [0, {vocab_size})")
-        total = len(token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(f"prompt {index}: {len(token_ids)} prompt tokens + max_tokens={params.max_tokens} = {total} "
-                             f"exceeds max_model_len={self.max_model_len}")
-        # the last sampled token's K/V is never computed, so a request holds at most total - 1 tokens' pages
-        pages = -(-(total - 1) // self.config.block_size)
-        if pages > self.num_kv_blocks:
-            raise ValueError(f"prompt {index}: needs {pages} KV pages of {self.config.block_size} tokens, "
-                             f"more than the whole pool ({self.num_kv_blocks}); raise num_kv_blocks or lower max_tokens")
-        if params.stop and self.tokenizer is None:
-            raise ValueError(f"prompt {index}: stop strings need a tokenizer, and this LLM has none")
 
     def _output(self, seqs: list[Sequence]) -> RequestOutput:
         """One request's output from its finished completions, in completion order."""
@@ -253,34 +231,25 @@ def _as_params_list(sampling_params, num_prompts: int) -> list[SamplingParams]:
     return sampling_params
 
 
-def _token_ids(index: int, token_ids) -> list[int]:
-    if isinstance(token_ids, torch.Tensor):
-        token_ids = token_ids.tolist()
-    if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__iter__"):
-        raise ValueError(f"prompt {index}: token ids must be a list of ints, got {type(token_ids).__name__}")
-    try:
-        return [operator.index(t) for t in token_ids]
-    except TypeError:
-        raise ValueError(f"prompt {index}: token ids must be ints, got {list(token_ids)[:8]}...") from None
-
-
 def _default_device_dtype(model, device, dtype) -> tuple[torch.device | None, torch.dtype | None]:
     if isinstance(model, PreTrainedModel):   # an instance stays where and as it is unless told otherwise
         return (None if device is None else torch.device(device)), dtype
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, dtype
 
 
-def _load_tokenizer(model, tokenizer):
+def _load_tokenizer(model, tokenizer, trust_remote_code: bool):
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     source = tokenizer if tokenizer is not None else (None if isinstance(model, PreTrainedModel) else model)
     if source is None:
         return None
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return load_tokenizer(source, trust_remote_code=trust_remote_code)
+    except RemoteCodeError:
+        raise
     except (OSError, ValueError) as error:
         if tokenizer is not None:
             raise ValueError(f"could not load the tokenizer from {str(tokenizer)!r}: {error}") from error

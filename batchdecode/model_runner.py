@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from .batch import ForwardBatch
 from .cuda_graphs import DecodeGraphs
 from .engine_config import EngineConfig
+from .intake import RequestError, pages_for
+from .intake import max_model_len as request_context
 from .outputs import TokenLogprobs
 from .prompt_logprobs import record, scored_positions
 from .sampler import LogprobsTensors, SamplerOutput, SamplingTensors, sample, token_logprobs
@@ -56,10 +58,7 @@ class ModelRunner:
     # setup
 
     def _max_model_len(self, max_model_len: int | None) -> int:
-        limit = self.model.max_position
-        if max_model_len is not None and max_model_len > limit:
-            raise ValueError(f"max_model_len={max_model_len} is longer than the model computes exactly ({limit})")
-        return max_model_len or limit
+        return request_context(self.model.max_position, max_model_len)
 
     def _default_num_kv_blocks(self) -> int:
         cfg = self.config
@@ -72,8 +71,8 @@ class ModelRunner:
                                  f"{step_bytes / 2**30:.1f} GiB): lower max_num_batched_tokens or max_num_seqs")
             return num_blocks
         tokens = cfg.max_num_seqs * min(cfg.max_model_len, _CPU_TOKENS_PER_SEQ)
-        num_blocks = min(-(-tokens // cfg.block_size), _CPU_KV_CACHE_BYTES // self.bytes_per_block)
-        return max(num_blocks, -(-cfg.max_model_len // cfg.block_size), 1)
+        num_blocks = min(pages_for(tokens, cfg.block_size), _CPU_KV_CACHE_BYTES // self.bytes_per_block)
+        return max(num_blocks, pages_for(cfg.max_model_len, cfg.block_size), 1)
 
     def _profile_step_bytes(self) -> int:
         """Device memory a step of the largest size takes beyond the weights and KV cache (CUDA only).
@@ -90,7 +89,7 @@ class ModelRunner:
         params = SamplingParams(top_k=50, top_p=0.9, min_p=0.01, logprobs=20)
         seqs = [Sequence(i, None, [0] * n, params, frozenset(), None) for i, n in enumerate(lengths)]
         for seq in seqs:
-            seq.block_table = [0] * -(-len(seq) // self.block_size)
+            seq.block_table = [0] * pages_for(len(seq), self.block_size)
         self._allocate_kv_cache(1)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -114,7 +113,7 @@ class ModelRunner:
         """Capture decode-step graphs over the KV cache just allocated (CUDA only)."""
         with torch.inference_mode():
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
-                                       -(-self.config.max_model_len // self.block_size), self.device)
+                                       pages_for(self.config.max_model_len, self.block_size), self.device)
 
     # step
 
@@ -249,9 +248,8 @@ def _check_finite(seqs: list[Sequence], token_ids: list[int]) -> None:
     """The sampler marks a row whose logits were not finite with token id -1: stop, naming the requests."""
     bad = [seq.index for seq, token_id in zip(seqs, token_ids) if token_id < 0]
     if bad:
-        raise ValueError(f"request{'s' * (len(bad) > 1)} {', '.join(map(str, bad))}: the model produced non-finite "
-                         "logits (NaN or inf): its weights hold NaN or inf, or its activations overflowed "
-                         "(in float16, try bfloat16 or float32)")
+        raise RequestError(bad, "the model produced non-finite logits (NaN or inf): its weights hold NaN or inf, or "
+                                "its activations overflowed (in float16, try bfloat16 or float32)")
 
 
 def _int64(values: list[int]) -> Tensor:

@@ -5,10 +5,12 @@
        "prompt_token_ids" (list of ints); optional "id" (string or int) and per-line sampling options.
 Blank lines are skipped in both. A request's id is its "id" field, or else its 1-based line number.
 The suffix may be in any case, and a leading byte-order mark is dropped. Strings that are not text (JSON's lone
-surrogate escapes) and seeds outside 64 bits are refused here, naming the line, before any model loads.
+surrogate escapes) and numbers too long to convert are refused here, naming the line, before any model loads.
+The file is opened and read once (a FIFO or `<(command)` works), and its digest is of the bytes parsed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -31,6 +33,14 @@ class PromptLine:
     overrides: dict = field(default_factory=dict)   # per-line SamplingParams fields
     api: object | None = None   # an OpenAI batch line's openai_batch.BatchRequest: its output takes that format
 
+    def as_prompt(self, chat: bool) -> dict:
+        """The request as the intake takes it; with `chat`, a plain prompt becomes one user message."""
+        if self.prompt_token_ids is not None:
+            return {"prompt_token_ids": self.prompt_token_ids}
+        if self.messages is not None or chat:
+            return {"messages": self.messages or [{"role": "user", "content": self.prompt}]}
+        return {"prompt": self.prompt}
+
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -44,8 +54,8 @@ def _is_str_list(x) -> bool:
     return isinstance(x, list) and all(isinstance(s, str) for s in x)
 
 
-# The per-line sampling options a .jsonl line may set, with the JSON type each must have (ranges are
-# SamplingParams' business).
+# The per-line sampling options a .jsonl line may set, with the JSON type each must have (ranges, the seed's
+# included, are SamplingParams' business).
 SAMPLING_FIELDS = {
     "max_tokens": (_is_int, "an integer"),
     "min_tokens": (_is_int, "an integer"),
@@ -53,7 +63,7 @@ SAMPLING_FIELDS = {
     "top_p": (_is_number, "a number"),
     "top_k": (_is_int, "an integer"),
     "min_p": (_is_number, "a number"),
-    "seed": (lambda x: x is None or is_seed(x), "an integer from 0 to 2**64 - 1, or null"),
+    "seed": (lambda x: x is None or _is_int(x), "an integer or null"),
     "stop": (lambda x: isinstance(x, str) or _is_str_list(x), "a string or a list of strings"),
     "stop_token_ids": (lambda x: isinstance(x, list) and all(map(_is_int, x)), "a list of integers"),
     "ignore_eos": (lambda x: isinstance(x, bool), "true or false"),
@@ -67,15 +77,34 @@ SAMPLING_FIELDS = {
 }
 
 
+@dataclass(slots=True, frozen=True)
+class PromptFile:
+    requests: list[PromptLine]
+    sha256: str   # of the very bytes parsed: a file changed after reading cannot pass for the one that was read
+
+
 def read_prompt_file(path: str | Path) -> list[PromptLine]:
+    return load_prompt_file(path).requests
+
+
+def load_prompt_file(path: str | Path) -> PromptFile:
+    """The input file read once (a FIFO has only one reading), parsed and checked whole."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl"):
         raise InputError(f"{path}: input must be a .txt (one prompt per line) or .jsonl file")
     try:
-        text = path.read_text(encoding="utf-8-sig")   # -sig: a byte-order mark (Windows editors) is not a prompt
+        data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{path}: no such input file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not an input file") from None
+    return PromptFile(_parse(path, suffix, data), hashlib.sha256(data).hexdigest())
+
+
+def _parse(path: Path, suffix: str, data: bytes) -> list[PromptLine]:
+    try:
+        text = data.decode("utf-8-sig")   # -sig: a byte-order mark (Windows editors) is not a prompt
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     parse = _parse_txt_line if suffix == ".txt" else _parse_jsonl_line
@@ -102,6 +131,8 @@ def _parse_jsonl_line(line: str, number: int) -> PromptLine:
         raise InputError(f"line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:   # json's parser recurses once per nesting level
         raise InputError(f"line {number}: JSON nested too deeply") from None
+    except ValueError:   # an integer of more digits than Python converts (sys.get_int_max_str_digits())
+        raise InputError(f"line {number}: a number with more digits than any option takes") from None
     if not isinstance(obj, dict):
         raise InputError(f"line {number}: expected a JSON object, got {type(obj).__name__}")
     for key, value in obj.items():
@@ -123,11 +154,6 @@ def _parse_jsonl_line(line: str, number: int) -> PromptLine:
                 raise InputError(f"line {number}: {key} must be {expected}, got {json.dumps(value)}")
             request.overrides[key] = value
     return request
-
-
-def is_seed(x) -> bool:
-    # The sampler hashes a seed as 64 bits: a larger one would silently alias a smaller one.
-    return _is_int(x) and 0 <= x < 2**64
 
 
 def _check_text(key: str, value, number: int) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from ..checkpoint import check_against_config
 from ..kernels.checks import DTYPES, MAX_TRITON_HEAD_DIM
 from .gemma import Gemma
 from .gpt2 import GPT2
@@ -87,16 +88,17 @@ def _load_folder(path: str | os.PathLike, dtype: torch.dtype | None,
     if not (folder / "config.json").is_file():
         raise ValueError(f"{str(path)!r} is not a local model folder: it has no config.json")
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)   # never a folder's own code
     except (OSError, ValueError) as error:   # not JSON, or no model_type transformers knows
         raise ValueError(f"{folder / 'config.json'} is not a model config transformers can read: {error}") from error
     arch = (config.architectures or [config.model_type])[0]
     if arch not in _MODEL_CLASSES:  # before reading any weights
         raise ValueError(_unsupported(arch) + f" (from {folder / 'config.json'})")
     check_servable(config, dtype, device, str(path))
+    check_against_config(folder, config)   # before allocating: a config of other shapes names the mismatch
     try:
         hf_model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto",
-                                                              output_loading_info=True)
+                                                              output_loading_info=True, trust_remote_code=False)
     except (SafetensorError, OSError, RuntimeError) as error:   # a cut-short download, a file of other bytes
         files = ", ".join(sorted(f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))) or "none"
         raise ValueError(f"{folder}: could not read the weights (files: {files}); one is truncated or corrupt, "

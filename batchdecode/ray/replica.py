@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
+from ..intake import RequestError
 from ..outputs import EngineStats
 from .rows import ColumnRows, PickledRows, Request, Result
 
@@ -78,12 +79,12 @@ class Replica:
         import torch
 
         from .. import kernels
+        from ..intake import default_device
         from ..llm import LLM
         from ..model_source import resolve_model
         from ..smollm2 import transformers_progress
 
-        device = str(engine_kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-        on_cpu = device.startswith("cpu")
+        on_cpu = default_device(engine_kwargs.get("device")).type == "cpu"
         if on_cpu:   # Ray reserved num_cpus cores for this actor; more threads would fight the other replicas
             torch.set_num_threads(max(1, int(num_cpus)))
         # on CPU the twins, always: a TRITON_INTERPRET=1 inherited from the environment must not send a whole
@@ -97,7 +98,7 @@ class Replica:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.stats = EngineStats()
-        requests = self.rows.requests(batch, self.llm.tokenizer)
+        requests = self.rows.requests(batch)
         results = self._generate(requests)
         self.batches_done += 1
         if self.kill is not None:
@@ -105,29 +106,26 @@ class Replica:
         return self.rows.table(batch, results, self.stats)
 
     def _generate(self, requests: list[Request | str]) -> list[Result]:
-        """Outputs in row order; rows that were refused keep their reason."""
+        """Outputs in row order; rows that were refused keep their reason. The engine checks a whole call before
+        any work and refuses it for one bad request, naming it (RequestError.indices): that row is set aside with
+        its reason and the call is made again without it, so its neighbours still run."""
         results: list[Result] = list(requests)
         runnable = [i for i, r in enumerate(requests) if isinstance(r, Request)]
-        for i, result in zip(runnable, self._generate_checked([requests[i] for i in runnable])):
-            results[i] = result
-        return results
-
-    def _generate_checked(self, requests: list[Request]) -> list[Result]:
-        """The engine checks a whole call before any work and refuses all of it for one bad request (a prompt too
-        long, too many pages): halve the call until the bad request stands alone, so its neighbours still run."""
-        if not requests:
-            return []
-        try:
-            with self.kernels.backend(self.backend):
-                outputs = self.llm.generate([r.prompt for r in requests], [r.params for r in requests],
-                                            use_tqdm=False)
+        while runnable:
+            try:
+                with self.kernels.backend(self.backend):
+                    outputs = self.llm.generate([requests[i].prompt for i in runnable],
+                                                [requests[i].params for i in runnable], use_tqdm=False)
+            except RequestError as e:
+                for i in e.indices:
+                    results[runnable[i]] = e.reason
+                runnable = [row for i, row in enumerate(runnable) if i not in e.indices]
+                continue
             self.stats = add_stats(self.stats, self.llm.stats)
-            return outputs
-        except ValueError as e:
-            if len(requests) == 1:
-                return [str(e)]
-            half = len(requests) // 2
-            return self._generate_checked(requests[:half]) + self._generate_checked(requests[half:])
+            for i, output in zip(runnable, outputs):
+                results[i] = output
+            break
+        return results
 
 
 def add_stats(a: EngineStats, b: EngineStats) -> EngineStats:

@@ -6,7 +6,8 @@ has already checked and tokenized go out whole and the RequestOutputs come back 
 them with the CLI's own result-line code and the file's bytes cannot drift from a single-process run's.
 
 A row that cannot run becomes a reason (a string) instead of a Request; its output row carries the reason,
-prefixed with the row's id, and the rest of the batch runs.
+prefixed with the row's id, and the rest of the batch runs. Prompts are rendered and checked by the engine's
+intake (intake.py), as for LLM and the CLI.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from ..intake import RequestError
 from ..outputs import EngineStats, RequestOutput
 from ..prompt_file import SAMPLING_FIELDS
 from ..sampling_params import SamplingParams
@@ -25,7 +27,7 @@ from ..sampling_params import SamplingParams
 
 @dataclass(slots=True)
 class Request:
-    prompt: str | dict          # text, or {"prompt_token_ids": [...]}
+    prompt: dict                # {"prompt": text}, {"prompt_token_ids": [...]} or {"messages": [...]}
     params: SamplingParams
 
 
@@ -52,8 +54,8 @@ class ColumnRows:
     id_column: str
     base: SamplingParams
 
-    def requests(self, batch: pa.Table, tokenizer) -> list[Request | str]:
-        return [self._request(row, tokenizer) for row in batch.to_pylist()]
+    def requests(self, batch: pa.Table) -> list[Request | str]:
+        return [self._request(row) for row in batch.to_pylist()]
 
     def table(self, batch: pa.Table, results: list[Result], stats: EngineStats) -> pa.Table:
         records = [_columns(r) if isinstance(r, RequestOutput) else _error_columns(self._label(row), r)
@@ -64,9 +66,9 @@ class ColumnRows:
             kept = kept.append_column(field, column)
         return kept
 
-    def _request(self, row: dict, tokenizer) -> Request | str:
+    def _request(self, row: dict) -> Request | str:
         try:
-            prompt = _prompt(row.get(self.prompt_column), self.prompt_column, tokenizer)
+            prompt = _prompt(row.get(self.prompt_column), self.prompt_column)
             return Request(prompt, dataclasses.replace(self.base, **_overrides(row)))
         except ValueError as e:
             return str(e)
@@ -83,7 +85,7 @@ class PickledRows:
     (pickled) in; `index`, `output` (a pickled RequestOutput), `error` (the engine's reason) and `stats` (the
     batch's EngineStats, pickled, on its first row) out."""
 
-    def requests(self, batch: pa.Table, tokenizer) -> list[Request | str]:
+    def requests(self, batch: pa.Table) -> list[Request | str]:
         return [Request({"prompt_token_ids": ids}, pickle.loads(params)) for ids, params in
                 zip(batch.column("prompt_token_ids").to_pylist(), batch.column("sampling_params").to_pylist())]
 
@@ -107,36 +109,26 @@ class PickledRows:
 
     @staticmethod
     def outputs(batch: pa.Table) -> Iterator[RequestOutput]:
-        """The batch's outputs, each with `index` set to its request's position in the CLI's call; ValueError
-        "prompt <index>: <reason>" for a request the engine refused, as LLM.generate_iter raises it."""
+        """The batch's outputs, each with `index` set to its request's position in the CLI's call; RequestError
+        for a request the engine refused, as LLM.generate_iter raises it."""
         for index, output, error in zip(*(batch.column(name).to_pylist() for name in ("index", "output", "error"))):
             if error is not None:
-                raise ValueError(error.replace("prompt 0", f"prompt {index}", 1))
+                raise RequestError([index], error)
             output = pickle.loads(output)
             output.index = index
             yield output
 
 
-def _prompt(value, column: str, tokenizer) -> str | dict:
+def _prompt(value, column: str) -> dict:
+    """The column's value as the intake takes it: text, token ids or chat messages."""
     if isinstance(value, str) and value:
-        return value
+        return {"prompt": value}
     if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         return {"prompt_token_ids": value}
     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        return {"prompt_token_ids": _chat_token_ids(value, tokenizer)}
+        return {"messages": value}
     raise ValueError(f"{column} must be a non-empty string, list of token ids or list of chat messages, "
                      f"got {json.dumps(value, default=str)[:60]}")
-
-
-def _chat_token_ids(messages: list[dict], tokenizer) -> list[int]:
-    """As the CLI renders a `messages` line: the template writes the special tokens, so encoding adds none."""
-    if tokenizer is None or not tokenizer.chat_template:
-        raise ValueError("chat messages need a tokenizer with a chat template, and this model has none")
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # noqa: BLE001 — templates raise their own errors (e.g. roles must alternate)
-        raise ValueError(f"the chat template rejected these messages: {e}") from None
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _overrides(row: dict) -> dict:
@@ -164,8 +156,5 @@ def _columns(output: RequestOutput) -> dict:
 
 
 def _error_columns(label: str, reason: str) -> dict:
-    # the engine names a request by its index in the call, always 0 for a row it refused alone: the id says more
-    if reason.startswith("prompt 0"):
-        reason = "prompt" + reason.removeprefix("prompt 0")
     return dict(text=None, token_ids=None, finish_reason=None, num_prompt_tokens=None, num_generated_tokens=None,
                 logprobs=None, error=f"row {label}: {reason}")

@@ -8,6 +8,7 @@ from tiny_models import save_tiny_checkpoint, tiny_config
 from transformers import AutoModelForCausalLM
 
 from batchdecode.cli import main
+from batchdecode.intake import RequestError
 from batchdecode.llm import LLM
 from batchdecode.models import load_model
 from batchdecode.models.limits import context_limit
@@ -72,20 +73,21 @@ def run(checkpoint, tmp_path):
                  "--output", str(tmp_path / "out.jsonl"), "--max-tokens", "3", "--no-progress"])
 
 
-@pytest.mark.parametrize("error, message, shown", [
-    (ValueError, "prompt 1: needs 9 KV pages", "line 3: needs 9 KV pages"),
-    (ValueError, "requests 0, 1: non-finite logits", "lines 1, 3: non-finite logits"),
-    (RuntimeError, "CUDA error: an illegal memory access", "generation failed: RuntimeError: CUDA error: an illegal"),
+@pytest.mark.parametrize("error, shown", [
+    # the engine's errors carry the indices of the requests in its call (intake.RequestError), never only text
+    (RequestError([1], "needs 9 KV pages"), "line 3: needs 9 KV pages"),
+    (RequestError([0, 1], "non-finite logits"), "lines 1, 3: non-finite logits"),
+    (RuntimeError("CUDA error: an illegal memory access"), "generation failed: RuntimeError: CUDA error: an illegal"),
 ])
 def test_an_engine_error_names_the_input_line_and_keeps_finished_results(checkpoint, tmp_path, capsys,
-                                                                        monkeypatch, error, message, shown):
+                                                                        monkeypatch, error, shown):
     real = LLM.generate_iter
 
     def first_then_fail(self, prompts, params, **kwargs):
         outputs = real(self, prompts, params, **kwargs)
         yield next(outputs)
         outputs.close()
-        raise error(message)
+        raise error
 
     monkeypatch.setattr(LLM, "generate_iter", first_then_fail)
     assert run(checkpoint, tmp_path) == 1

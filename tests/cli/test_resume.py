@@ -81,7 +81,7 @@ def test_rerun_of_a_finished_run_changes_nothing(checkpoint, prompts, reference,
     out = tmp_path / "out.jsonl"
     out.write_bytes(reference)
     shutil.copy(journal_path(prompts.parent / "reference.jsonl"), journal_path(out))
-    monkeypatch.setattr("batchdecode.model_source.resolve_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("batchdecode.llm.LLM", lambda *a, **k: pytest.fail("model loaded"))
     assert main(argv(checkpoint, prompts, out)) == 0
     assert out.read_bytes() == reference
     assert "already" in capsys.readouterr().err

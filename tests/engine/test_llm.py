@@ -192,18 +192,20 @@ def test_bad_requests_are_rejected_with_their_index_before_any_work():
     llm.model_runner.run = lambda batch: ran.append(batch)
     ok = [1, 2, 3]
     cases = [
-        ([ok, []], None, "prompt 1 is empty"),
+        ([ok, []], None, "prompt 1: the prompt is empty"),
         ([ok, ok, [1, 512]], None, "prompt 2: token id 512"),
         ([ok, [-1]], None, "prompt 1: token id -1"),
-        ([ok, [1] * 60], SamplingParams(max_tokens=5), "prompt 1: .* exceeds max_model_len=64"),
+        ([ok, [1] * 60], SamplingParams(max_tokens=5), "prompt 1: .* more than max_model_len, the context of 64"),
         ([[1] * 30, ok], SamplingParams(max_tokens=10), "prompt 0: needs 10 KV pages"),
         ([ok, ok], [SamplingParams()], "1 sampling_params for 2 prompts"),
         ([ok, {"text": "x"}], None, "prompt 1: a dict prompt needs"),
         ([ok, ["a", 1]], None, "prompt 1: token ids must be ints"),
     ]
     for prompts, params, message in cases:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message) as raised:
             llm.generate(prompts, params, use_tqdm=False)
+        if message.startswith("prompt "):   # the index travels as data too (intake.RequestError), not only as text
+            assert raised.value.indices == (int(message.split()[1].rstrip(":")),)
     assert not ran and llm.scheduler.is_finished()
 
 
@@ -230,7 +232,7 @@ def test_without_a_tokenizer_prompts_are_token_ids_and_text_is_empty():
     assert llm.tokenizer is None
     out = llm.generate([[5, 6, 7]], greedy(3), use_tqdm=False)[0]
     assert out.text == "" and len(out.token_ids) == 3
-    with pytest.raises(ValueError, match="prompt 0 is text, but this LLM has no tokenizer"):
+    with pytest.raises(ValueError, match="prompt 0: the prompt is text, but this LLM has no tokenizer"):
         llm.generate("hello", use_tqdm=False)
     with pytest.raises(ValueError, match="prompt 0: stop strings need a tokenizer"):
         llm.generate([[5]], SamplingParams(stop=["x"]), use_tqdm=False)
@@ -315,7 +317,7 @@ def test_non_finite_logits_raise_naming_the_request():
         hf_model.model.embed_tokens.weight[42] = float("nan")    # only rows that hold token 42 go NaN
     llm = LLM(hf_model, num_kv_blocks=64)
     prompts = [[5, 6, 7], [5, 42, 7], [8, 9], [42]]
-    with pytest.raises(ValueError, match=r"requests 1, 3: the model produced non-finite logits"):
+    with pytest.raises(ValueError, match=r"prompts 1, 3: the model produced non-finite logits"):
         llm.generate(prompts, greedy(4), use_tqdm=False)
     assert llm.scheduler.is_finished()
     with pytest.raises(ValueError, match=r"request 1: .*non-finite"):
