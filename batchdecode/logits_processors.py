@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .structured_output import disallowed_mask
 from .transfer import to_device
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ class ProcessorTensors:
     presence: Tensor | None = None          # [Np] float32
     output_counts: Tensor | None = None     # [Np, vocab] float32, each id's count in the row's output
     seen: Tensor | None = None              # [Np, vocab] bool, the id is in the prompt or the output
+    grammar_rows: Tensor | None = None      # [Ng] rows with structured outputs
+    grammar_mask: Tensor | None = None      # [Ng, vocab] bool, True where the row's grammar forbids the id now
 
     @classmethod
     def from_seqs(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> ProcessorTensors | None:
@@ -47,6 +50,7 @@ class ProcessorTensors:
             return None
         tensors = cls()
         tensors._allowed(seqs, vocab_size, device)
+        tensors._grammar(seqs, vocab_size, device)
         tensors._bad_words(seqs, device)
         tensors._bias(seqs, device)
         tensors._penalties(seqs, vocab_size, device)
@@ -59,6 +63,12 @@ class ProcessorTensors:
             for i, row in enumerate(rows):
                 mask[i, seqs[row].params.allowed_token_ids] = False
             self.allowed_rows, self.allowed_mask = to_device(device, torch.tensor(rows), mask)
+
+    def _grammar(self, seqs: list[Sequence], vocab_size: int, device: torch.device) -> None:
+        rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
+        if rows:
+            mask = disallowed_mask([seqs[row] for row in rows], vocab_size)
+            self.grammar_rows, self.grammar_mask = to_device(device, torch.tensor(rows), mask)
 
     def _bad_words(self, seqs: list[Sequence], device: torch.device) -> None:
         banned = [(row, token) for row, seq in enumerate(seqs) for token in banned_bad_word_tokens(seq)]
@@ -93,10 +103,11 @@ class ProcessorTensors:
 
 
 def apply_before_min_tokens(logits: Tensor, processors: ProcessorTensors) -> Tensor:
-    """allowed_token_ids, then bad_words, on logits (the sampler's own copy)."""
-    if processors.allowed_rows is not None:
-        rows = processors.allowed_rows
-        logits[rows] = logits[rows].masked_fill(processors.allowed_mask, float("-inf"))
+    """allowed_token_ids and the structured-output grammar, then bad_words, on logits (the sampler's own copy)."""
+    for rows, mask in ((processors.allowed_rows, processors.allowed_mask),
+                       (processors.grammar_rows, processors.grammar_mask)):
+        if rows is not None:
+            logits[rows] = logits[rows].masked_fill(mask, float("-inf"))
     if processors.banned_rows is not None:
         logits[processors.banned_rows, processors.banned_tokens] = float("-inf")
     return logits
@@ -159,7 +170,8 @@ def _has_penalty(params) -> bool:
 
 
 def _uses_processors(params) -> bool:
-    return bool(params.allowed_token_ids or params.bad_words or params.logit_bias) or _has_penalty(params)
+    return (bool(params.allowed_token_ids or params.bad_words or params.logit_bias)
+            or params.structured_outputs is not None or _has_penalty(params))
 
 
 def prepare(index: int, params, tokenizer, vocab_size: int) -> list[list[int]]:

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from .prompt_file import SAMPLING_FIELDS, InputError, PromptLine
+from .structured_output import take_response_format
 
 URLS = ("/v1/chat/completions", "/v1/completions")
 # body fields taken as they are (vLLM's extra sampling fields included), beside the prompt
 _OPTIONS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "min_tokens", "seed", "stop", "stop_token_ids",
             "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "bad_words",
-            "allowed_token_ids", "n"}
+            "allowed_token_ids", "n", "response_format"}
 _IGNORED = {"model", "user", "metadata", "store", "service_tier"}   # echoed or bookkeeping: no token changes
 _CHAT = {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "stream"}
 _COMPLETIONS = {"prompt", "logprobs", "echo", "best_of", "stream", "response_format"}
@@ -92,8 +93,6 @@ def _check_fields(body: dict, chat: bool, number: int) -> None:
         raise InputError(f"line {number}: stream must be false in a batch")
     if body.get("echo"):
         raise InputError(f"line {number}: echo is not supported (use `batchdecode score` for prompt logprobs)")
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise InputError(f"line {number}: response_format is not supported yet")
 
 
 def _messages(messages, number: int) -> list[dict]:
@@ -141,6 +140,8 @@ def _options(body: dict, chat: bool, number: int) -> dict:
         ok, expected = SAMPLING_FIELDS.get(key, (_is_int, "an integer"))
         if not ok(value):
             raise InputError(f"line {number}: body.{key} must be {expected}, got {json.dumps(value)}")
+    if "response_format" in options:
+        take_response_format(options, f"line {number}: body")
     return options
 
 

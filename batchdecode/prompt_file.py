@@ -74,6 +74,7 @@ SAMPLING_FIELDS = {
     "bad_words": (_is_str_list, "a list of strings"),
     "logit_bias": (lambda x: isinstance(x, dict) and all(map(_is_number, x.values())), "an object of token id: number"),
     "allowed_token_ids": (lambda x: isinstance(x, list) and all(map(_is_int, x)), "a list of integers"),
+    "response_format": (lambda x: isinstance(x, dict), "an object (OpenAI's: json_schema, json_object or text)"),
 }
 
 
@@ -153,6 +154,9 @@ def _parse_jsonl_line(line: str, number: int) -> PromptLine:
             if not ok(value):
                 raise InputError(f"line {number}: {key} must be {expected}, got {json.dumps(value)}")
             request.overrides[key] = value
+    if "response_format" in request.overrides:   # OpenAI's name for structured_outputs
+        from .structured_output import take_response_format
+        take_response_format(request.overrides, f"line {number}")
     return request
 
 

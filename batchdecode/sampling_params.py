@@ -2,14 +2,61 @@
 from __future__ import annotations
 
 import hashlib
+import json as json_module
 import math
 import numbers
+import re
 from dataclasses import dataclass
 
 # Below this, logits / temperature can overflow float32 (1e-39 is subnormal: every logit becomes inf and the draw
 # NaN), while the distribution is already one-hot up to ties: such a temperature samples greedily, as in vLLM.
 GREEDY_TEMPERATURE = 1e-5
 _SEED_LIMIT = 1 << 64   # seeds are hashed as unsigned 64-bit ints; a larger one would wrap onto another seed
+
+
+@dataclass(slots=True, frozen=True)
+class StructuredOutputsParams:
+    """vLLM's structured-output spec: exactly one of json (a JSON schema, as a dict or a string), regex, choice (a
+    list of strings, one of which is the output), grammar (EBNF, xgrammar's dialect) or json_object=True (any
+    JSON object). SamplingParams(structured_outputs=...) also takes it as a dict of these fields."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self):
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {', '.join(given) or 'none'}")
+        checks = [(self.json is None or isinstance(self.json, (dict, str)), "json must be a schema (dict or string)"),
+                  (self.regex is None or (isinstance(self.regex, str) and self.regex), "regex must be a non-empty string"),
+                  (self.choice is None or (isinstance(self.choice, (list, tuple)) and self.choice
+                                           and all(isinstance(c, str) and c for c in self.choice)),
+                   "choice must be a non-empty list of non-empty strings"),
+                  (self.grammar is None or (isinstance(self.grammar, str) and self.grammar),
+                   "grammar must be a non-empty string"),
+                  (self.json_object in (None, True, False), "json_object must be true or false")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"structured_outputs: {message}")
+
+    def key(self) -> tuple[str, str]:
+        """(kind, text) naming the grammar: what compiled grammars are cached by."""
+        if self.json is not None:
+            text = self.json if isinstance(self.json, str) else json_module.dumps(self.json, sort_keys=True)
+            return "json", text
+        if self.json_object:
+            return "json_object", ""
+        if self.choice is not None:
+            # escape only regex syntax (re.escape also escapes spaces, which xgrammar's regex does not know)
+            return "choice", "(" + "|".join(re.sub(r"([\\.^$|?*+()\[\]{}])", r"\\\1", c) for c in self.choice) + ")"
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        return "regex", self.regex
 
 
 @dataclass(slots=True)
@@ -34,6 +81,8 @@ class SamplingParams:
     bad_words: strings never generated (each banned alone and after a space); needs a tokenizer.
     logit_bias: token id -> bias added to its logit (clamped to [-100, 100], as vLLM does).
     allowed_token_ids: only these ids may be generated.
+    structured_outputs: a StructuredOutputsParams (or a dict of its fields): the output follows a JSON schema, a
+    regex, one of a list of choices or a grammar (structured_output.py; needs `batchdecode[structured]`).
     These act on the logits before temperature and the filters (vLLM v1's order: allowed_token_ids, bad_words,
     min_tokens, logit_bias, penalties); logprobs stay the raw ones.
     n: completions of the prompt, returned together in RequestOutput.outputs; with prefix caching they share the
@@ -61,6 +110,7 @@ class SamplingParams:
     bad_words: list[str] | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -68,6 +118,7 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate_processors()
+        self._validate_structured_outputs()
         self._validate()
 
     def _validate(self):
@@ -118,6 +169,22 @@ class SamplingParams:
             if isinstance(ids, (str, bytes)) or not ids or not all(_is_int(t) and t >= 0 for t in ids):
                 raise ValueError(f"allowed_token_ids must be a non-empty list of ints >= 0, got {ids!r}")
             self.allowed_token_ids = list(ids)
+
+    def _validate_structured_outputs(self):
+        spec = self.structured_outputs
+        if spec is None:
+            return
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - {"json", "regex", "choice", "grammar", "json_object"})
+            if unknown:
+                raise ValueError(f"structured_outputs: unknown field(s) {', '.join(unknown)} (json, regex, choice, "
+                                 "grammar, json_object)")
+            self.structured_outputs = spec = StructuredOutputsParams(**spec)
+        if not isinstance(spec, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams or a dict, got {type(spec).__name__}")
+        if self.ignore_eos or self.min_tokens:
+            raise ValueError("structured_outputs ends the output with EOS when the grammar is complete: it does not "
+                             "go with ignore_eos or min_tokens")
 
     def completion_seed(self, i: int) -> int | None:
         """Completion i's seed: the seed itself for i = 0 (so n=1 draws as before), else a hash of (seed, i), so

@@ -4,6 +4,7 @@ from __future__ import annotations
 from .detokenizer import IncrementalDetokenizer
 from .outputs import TokenLogprobs
 from .sampling_params import SamplingParams
+from .structured_output import accept
 
 
 class Sequence:
@@ -26,6 +27,7 @@ class Sequence:
         wants_prompt_logprobs = params.prompt_logprobs is not None and sample_index == 0
         self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] if wants_prompt_logprobs else None
         self.bad_words_token_ids: list[list[int]] = []   # params.bad_words as tokens (logits_processors.py)
+        self.grammar = None   # params.structured_outputs' matcher (structured_output.py), fed every sampled token
         self.finish_reason: str | None = None
         self.stopped_by_token = False  # ended by EOS or a stop token, which the text leaves out
 
@@ -52,6 +54,8 @@ class Sequence:
     def append_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
         """Add a sampled token and decide whether the request ends with it (sets finish_reason)."""
         self.token_ids.append(token_id)
+        if self.grammar is not None:
+            accept(self, token_id)
         if self.logprobs is not None:
             self.logprobs.append(logprobs)
         can_stop = self.num_completion_tokens >= self.params.min_tokens

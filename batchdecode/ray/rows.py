@@ -141,6 +141,9 @@ def _overrides(row: dict) -> dict:
         if not ok(value):
             raise ValueError(f"{key} must be {expected}, got {json.dumps(value, default=str)}")
         overrides[key] = value
+    if "response_format" in overrides:   # OpenAI's name for structured_outputs
+        from ..structured_output import take_response_format
+        take_response_format(overrides, "response_format")
     return overrides
 
 

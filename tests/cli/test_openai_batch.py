@@ -64,6 +64,20 @@ def test_batch_lines_give_openai_output_with_the_plain_lines_tokens(checkpoint, 
     assert batch[2]["response"]["body"]["choices"][0]["message"]["content"] == plain["chat-2"]["text"]
 
 
+def test_response_format_json_schema_in_a_chat_body(checkpoint, tmp_path):
+    import json
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}}, "required": ["color"],
+              "additionalProperties": False}
+    line = {"custom_id": "s", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "Pick a color"}], "max_tokens": 40,
+                     "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}}
+    assert run(checkpoint, tmp_path, [line]) == 0
+    (out,) = read_jsonl(tmp_path / "out.jsonl")
+    content = out["response"]["body"]["choices"][0]["message"]["content"]
+    assert json.loads(content)["color"] in ("red", "green")
+
+
 def test_ctrl_c_then_rerun_equals_an_uninterrupted_run(checkpoint, tmp_path, monkeypatch):
     rows = [dict(LINES[2], custom_id=f"r{i}", body=dict(LINES[2]["body"], max_tokens=3 + i % 3)) for i in range(6)]
     assert run(checkpoint, tmp_path, rows, "reference.jsonl") == 0

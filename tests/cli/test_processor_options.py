@@ -26,3 +26,24 @@ def test_bad_processor_values_name_the_line(checkpoint, tmp_path, capsys):
     assert "line 2: presence_penalty must be a number in [-2, 2], got 5" in capsys.readouterr().err
     assert generate(checkpoint, tmp_path, [{"prompt": "hi", "bad_words": "x"}]) == 1
     assert "line 1" in capsys.readouterr().err
+
+
+def test_response_format_per_line(checkpoint, tmp_path, capsys):
+    import json
+    import re
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    rows = [{"id": "schema", "prompt": "Hello", "response_format": {"type": "json_schema",
+                                                                      "json_schema": {"name": "x", "schema": schema}}},
+            {"id": "object", "prompt": "Hello", "response_format": {"type": "json_object"}, "max_tokens": 4},
+            {"id": "text", "prompt": "Hello", "response_format": {"type": "text"}}]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    assert main(["generate", "--model", str(checkpoint), "--input", str(tmp_path / "in.jsonl"), "--output",
+                 str(tmp_path / "out.jsonl"), "--no-progress", "--max-tokens", "12"]) == 0
+    out = {r["id"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
+    assert json.loads(out["schema"]["text"]) in ({"ok": True}, {"ok": False})
+    assert out["object"]["text"].startswith("{")
+    assert not re.fullmatch(r'\{"ok": (true|false)\}', out["text"]["text"])
+    assert generate(checkpoint, tmp_path, [{"prompt": "hi", "response_format": {"type": "yaml"}}]) == 1
+    assert 'line 1: response_format must be {"type": "text" | "json_object" | "json_schema"}' in capsys.readouterr().err
