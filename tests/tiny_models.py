@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig,
-                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+                          Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen3Config, SmolLM3Config)
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gemma2", "gemma3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gemma2", "gemma3", "phi3", "smollm3")
 # Architectures added for issue 20, kept smaller still (head dim 16), with a sliding window of 8 tokens on their
 # local layers so that short tests run past it.
 WINDOW = 8
@@ -75,6 +76,11 @@ def tiny_config(arch: str) -> PretrainedConfig:
         return Gemma3TextConfig(**small, **local_global, query_pre_attn_scalar=24, rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
+    if arch == "phi3":  # fused qkv and gate_up, a sliding window on every layer, Phi-4-mini's partial rotary
+        return Phi3Config(**small, sliding_window=WINDOW, resid_pdrop=0.0,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})
+    if arch == "smollm3":  # layer 1 has no rope (NoPE)
+        return SmolLM3Config(**small, no_rope_layers=[1, 0], no_rope_layer_interval=2)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose from {ARCHITECTURES}")
 
 

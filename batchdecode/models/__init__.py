@@ -21,6 +21,8 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Llama,
     "Gemma2ForCausalLM": Gemma,
     "Gemma3ForCausalLM": Gemma,
+    "Phi3ForCausalLM": Llama,
+    "SmolLM3ForCausalLM": Llama,
     "GPT2LMHeadModel": GPT2,
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODEL_CLASSES)

@@ -1,8 +1,9 @@
-"""The Llama decoder family on paged KV caches: Llama 2/3 (and SmolLM2), Mistral, Qwen2, Qwen3.
+"""The Llama decoder family on paged KV caches: Llama 2/3 (and SmolLM2), Mistral, Qwen2, Qwen3, Phi-3/Phi-4, SmolLM3.
 
 One module covers them because they differ only in switches the HF modules already carry: q/k/v (and o) biases
 (Qwen2, Llama's attention_bias), MLP biases (mlp_bias), per-head q/k RMSNorm before rope (Qwen3), tied
-embeddings, and the rope scaling inside the rotary module. The HF model's own submodules and Parameters are used
+embeddings, fused qkv and gate_up weights (Phi-3), layers without rope (SmolLM3's NoPE layers), sliding windows
+(Mistral, Phi-3, Qwen2/SmolLM3's sliding layers), and the rope scaling and partial rotary inside the rotary module. The HF model's own submodules and Parameters are used
 in place, never copied; the attention, rope, KV-cache writes, norms and activation run in batchdecode.kernels.
 """
 from __future__ import annotations
@@ -22,7 +23,11 @@ from .rotary import build_cos_sin_cache
 class LlamaAttention(nn.Module):
     def __init__(self, hf_attn: nn.Module, config: PretrainedConfig):
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj, hf_attn.o_proj
+        self.qkv_proj = getattr(hf_attn, "qkv_proj", None)  # Phi-3: q, k and v in one weight
+        if self.qkv_proj is None:
+            self.q_proj, self.k_proj, self.v_proj = hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj
+        self.o_proj = hf_attn.o_proj
+        self.rotates = bool(getattr(hf_attn, "use_rope", True))  # SmolLM3's NoPE layers store k as it is
         self.q_norm = getattr(hf_attn, "q_norm", None)  # Qwen3
         self.k_norm = getattr(hf_attn, "k_norm", None)
         self.head_dim = hf_attn.head_dim
@@ -33,26 +38,42 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: Tensor, batch: ForwardBatch, kv_cache: KVCache, cos_sin: Tensor) -> Tensor:
         num_tokens = x.shape[0]
-        q = linear(x, self.q_proj).view(num_tokens, self.num_heads, self.head_dim)
-        k = linear(x, self.k_proj).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = linear(x, self.v_proj).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self._qkv(x)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q = _head_rms_norm(q, self.q_norm)
             k = _head_rms_norm(k, self.k_norm)
         k_cache, v_cache = kv_cache
-        kernels.rope_and_store_kv(q, k, v, batch.positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
+        if self.rotates:
+            kernels.rope_and_store_kv(q, k, v, batch.positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
+        else:
+            kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         out = kernels.paged_attention(q, k_cache, v_cache, batch.block_table, batch.cu_q_lens, batch.kv_lens,
                                       scale=self.scaling, window=self.window)
         return linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj)
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.qkv_proj is None:
+            return linear(x, self.q_proj), linear(x, self.k_proj), linear(x, self.v_proj)
+        kv_width = self.num_kv_heads * self.head_dim
+        return linear(x, self.qkv_proj).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, hf_mlp: nn.Module):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = hf_mlp.gate_proj, hf_mlp.up_proj, hf_mlp.down_proj
+        self.gate_up_proj = getattr(hf_mlp, "gate_up_proj", None)  # Phi-3: [gate | up] in one weight
+        if self.gate_up_proj is None:
+            self.gate_proj, self.up_proj = hf_mlp.gate_proj, hf_mlp.up_proj
+        self.down_proj = hf_mlp.down_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        gate_up = torch.cat((linear(x, self.gate_proj), linear(x, self.up_proj)), dim=-1)
+        if self.gate_up_proj is not None:
+            gate_up = linear(x, self.gate_up_proj)
+        else:
+            gate_up = torch.cat((linear(x, self.gate_proj), linear(x, self.up_proj)), dim=-1)
         return linear(kernels.silu_and_mul(gate_up), self.down_proj)
 
 
@@ -74,10 +95,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM on paged KV caches.
+    """LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM and
+    SmolLM3ForCausalLM on paged KV caches.
 
     `max_position` is max_position_embeddings, capped at original_max_position_embeddings for longrope (see
-    limits.py). Sliding windows (Mistral's, Qwen's sliding layers) run in the attention kernel, to any length.
+    limits.py). Sliding windows run in the attention kernel, to any length.
     """
 
     def __init__(self, hf_model: PreTrainedModel):
@@ -94,6 +116,7 @@ class Llama(nn.Module):
         self.head_dim = self.layers[0].self_attn.head_dim
         self.vocab_size = config.vocab_size
         self.max_position = context_limit(config)
+        self.windows = [layer.self_attn.window for layer in self.layers]
         # float32 whatever the model dtype; a plain attribute (not a buffer) so that no dtype conversion rounds it.
         self.cos_sin = build_cos_sin_cache(decoder.rotary_emb, self.max_position, self.embed_tokens.weight.device)
         self.eval()
@@ -111,10 +134,11 @@ class Llama(nn.Module):
 
 
 def sliding_window(hf_attn: nn.Module, config: PretrainedConfig) -> int | None:
-    """The layer's window: Qwen2/3 mark it per layer (None on full layers), Mistral's config sets it for all."""
+    """The layer's window: Qwen2/3 and SmolLM3 mark it per layer (None on full layers), Mistral's and Phi-3's
+    config sets it for all."""
     if hasattr(hf_attn, "sliding_window"):
         return hf_attn.sliding_window or None
-    return getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+    return getattr(config, "sliding_window", None) if config.model_type in ("mistral", "phi3") else None
 
 
 def _rms_norm(x: Tensor, norm: nn.Module, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:

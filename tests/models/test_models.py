@@ -17,6 +17,9 @@ ATOL = 1e-4  # float32; observed differences are ~4e-6
 _LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                original_max_position_embeddings=16)
 _YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)  # attention_scaling 1.14
+# rotary dim 12 (head dim 16, partial 0.75): 6 factors each; within original_max_position_embeddings the short ones
+_LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75, original_max_position_embeddings=64,
+                 short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5], long_factor=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
 
 # name -> (tiny architecture, config overrides)
 VARIANTS = {
@@ -35,6 +38,12 @@ VARIANTS = {
                                        "layer_types": ["full_attention", "sliding_attention"]}),
     "gemma2": ("gemma2", {}),  # soft-capped scores and logits, local/global layers, GeGLU, (1 + w) norms
     "gemma3": ("gemma3", {}),  # per-head q/k norms, a rope base per layer type
+    "phi3": ("phi3", {}),  # fused qkv and gate_up, window 8 on every layer, partial rotary 0.75
+    "phi3-longrope": ("phi3", {"rope_parameters": _LONGROPE, "max_position_embeddings": 256,  # Phi-3-128k, Phi-4-mini
+                               "original_max_position_embeddings": 64}),
+    "smollm3": ("smollm3", {}),  # a NoPE layer
+    "smollm3-sliding": ("smollm3", {"use_sliding_window": True, "sliding_window": 8,
+                                    "layer_types": ["sliding_attention", "full_attention"]}),
 }
 
 
@@ -106,7 +115,7 @@ def test_triton_kernels_in_interpreter_match_transformers(arch):
     assert_steps_match_hf(hf_model, steps, outputs)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "qwen2", "gemma3", "phi3"])
 def test_weights_are_used_in_place(arch):
     hf_model = make_hf(arch)
     model, config = load_model(hf_model)
