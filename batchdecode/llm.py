@@ -26,7 +26,6 @@ from .logits_processors import prepare as prepare_processors
 from .prompt_logprobs import fill_decoded_tokens
 from .sampling_params import SamplingParams
 from .structured_output import Grammars
-from .structured_output import Grammars
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -63,7 +62,6 @@ class LLM:
         self.model, self.hf_config = load_model(model, dtype=dtype, device=device)
         self.tokenizer = _load_tokenizer(model, tokenizer, trust_remote_code)
         self.eos_token_ids = _eos_token_ids(model, self.hf_config, self.tokenizer)
-        self.grammars = Grammars(self.tokenizer, self.model.vocab_size, self.eos_token_ids)   # structured outputs
         self.grammars = Grammars(self.tokenizer, self.model.vocab_size, self.eos_token_ids)   # structured outputs
         self.model_runner = ModelRunner(self.model, config)   # profiles, sizes and allocates the KV pool, captures
         self.config = self.model_runner.config                # every setting resolved
@@ -154,8 +152,6 @@ class LLM:
                 params = p if i == 0 else dataclasses.replace(p, seed=p.completion_seed(i))
                 seqs.append(Sequence(index, text, token_ids, params, self.eos_token_ids, detokenizer, sample_index=i))
                 seqs[-1].bad_words_token_ids = bad_words
-                if p.structured_outputs is not None:
-                    seqs[-1].grammar = self.grammars.matcher(index, p.structured_outputs)
                 if p.structured_outputs is not None:
                     seqs[-1].grammar = self.grammars.matcher(index, p.structured_outputs)
         return seqs
