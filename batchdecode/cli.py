@@ -171,18 +171,12 @@ def _check_options(args: argparse.Namespace, base: dict) -> None:
 
 
 def _check_device(device: str) -> None:
-    import torch
+    from .engine_config import EngineConfig
 
     try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {device}: batchdecode runs on cpu or cuda only")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device here")
-    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+        EngineConfig(device=device)   # the engine's own check: a device name, cpu or cuda, present here
+    except ValueError as e:
+        raise InputError(f"--device {device}: {e}") from None
 
 
 def _stream(output: Path) -> IO[str] | None:

@@ -61,6 +61,8 @@ def _checked_device(device) -> torch.device | None:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"device={device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(device)!r}: batchdecode runs on 'cpu' or 'cuda' only")
     if device.type == "cuda":
         # torch would fail later with an AssertionError ("Torch not compiled with CUDA enabled") or a driver error
         if not torch.cuda.is_available():

@@ -4,8 +4,7 @@ import os
 import subprocess
 import sys
 
-import torch
-
+from batchdecode import intake
 from batchdecode.cli import main
 from batchdecode.results_file import Manifest, ResultsFile, journal_path
 from cli_util import read_jsonl
@@ -75,6 +74,6 @@ def test_other_sampling_options_are_not_resumed(checkpoint, tmp_path, capsys):
     assert out.read_bytes() == before
     assert main(argv(checkpoint, tmp_path, out, "--max-num-seqs", "1")) == 0   # scheduling changes no token
     assert "already" in capsys.readouterr().err
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    default_device = str(intake.default_device())
     assert main(argv(checkpoint, tmp_path, out, "--device", default_device)) == 0   # the default, spelled out
     assert "already" in capsys.readouterr().err
