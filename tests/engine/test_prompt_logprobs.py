@@ -7,6 +7,7 @@ floats. Also the output's shape, agreement with transformers' logits, preemption
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -114,3 +115,38 @@ def test_n_completions_share_one_scoring_and_the_prefix_cache_skips_it():
 def test_prompt_logprobs_is_checked():
     with pytest.raises(ValueError, match="prompt_logprobs must be an int >= 0"):
         SamplingParams(prompt_logprobs=-1)
+
+
+def test_scoring_equals_generation_on_the_triton_kernels():
+    """The same equality through the Triton kernels themselves (in the interpreter on CPU), prompt cut in 3s."""
+    from batchdecode import kernels
+
+    with kernels.backend("triton"):
+        llm = LLM(model("llama", "fp32"), num_kv_blocks=16, block_size=4, max_num_batched_tokens=3)
+        prompt = [11, 22, 33, 44, 55]
+        gen = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=1),
+                           use_tqdm=False)[0]
+        scored = llm.generate([prompt + gen.token_ids], SamplingParams(max_tokens=1, prompt_logprobs=1),
+                              use_tqdm=False)[0]
+    assert [(e.logprob, e.top_logprobs) for e in scored.prompt_logprobs[len(prompt):]] == [
+        (lp.logprob, lp.top_logprobs) for lp in gen.logprobs]
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not os.environ.get("BATCHDECODE_SMOLLM2_SCORING"),
+                    reason="SmolLM2 scoring: set BATCHDECODE_SMOLLM2_SCORING=1 (a few minutes on CPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_smollm2_scoring_equals_generation(dtype):
+    from batchdecode.smollm2 import checkpoint_path
+
+    path = str(checkpoint_path(progress=False))
+    prompts = ["Write a short story about the sea.", "Explain photosynthesis.", "List five facts about chess."]
+    generate = SamplingParams(temperature=0.7, seed=3, max_tokens=48, ignore_eos=True, logprobs=2)
+    gen = LLM(path, dtype=dtype, device="cpu").generate(prompts, generate, use_tqdm=False)
+    for chunk in (7, 8192):
+        llm = LLM(path, dtype=dtype, device="cpu", max_num_batched_tokens=chunk)
+        texts = [{"prompt_token_ids": g.prompt_token_ids + g.token_ids} for g in gen]
+        scored = llm.generate(texts, SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False)
+        for g, s in zip(gen, scored):
+            assert [(e.logprob, e.top_logprobs) for e in s.prompt_logprobs[len(g.prompt_token_ids):]] == [
+                (lp.logprob, lp.top_logprobs) for lp in g.logprobs]
