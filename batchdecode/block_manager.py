@@ -5,6 +5,11 @@ so no pad token ever occupies one. Pages carry reference counts, because rows sh
 common prefix (prefix_cache.py). A freed page keeps its cached K/V until the pool hands it out again: free
 pages are reused least recently freed first, pages that hold nothing worth keeping before all others. A page in
 use (reference count > 0) is never in the free list, so it is never evicted.
+
+When every layer attends through a sliding window, a row's pages that lie wholly before the window of its next
+token are given back at once (release_outside_window): no later query of the row can see them. Its block table
+keeps the place with OUTSIDE_WINDOW, an entry the attention kernels never read (they read no page before a
+query's window). A full page given back stays in the prefix cache like any freed page.
 """
 from __future__ import annotations
 
@@ -15,10 +20,16 @@ from .prefix_cache import PrefixCache
 from .sequence import Sequence
 
 
+OUTSIDE_WINDOW = -1   # a block table entry whose page was given back: wholly outside every layer's window
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 window: int | None = None):
+        """window: the widest sliding window when every layer slides; None when some layer sees every token."""
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.window = window
         self.ref_counts = [0] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))   # eviction order, first out first
         self.cache = PrefixCache(num_blocks, block_size) if enable_prefix_caching else None
@@ -73,15 +84,31 @@ class BlockManager:
         if self.cache is not None:
             self.cache.commit(seq, num_computed_before)
 
+    def release_outside_window(self, seq: Sequence) -> None:
+        """Give back seq's pages wholly before the window of its next token (slot num_cached_tokens), which sees
+        slots from num_cached_tokens - window + 1 on; later tokens see less still."""
+        if self.window is None:
+            return
+        num_outside = max(seq.num_cached_tokens - self.window + 1, 0) // self.block_size
+        for i in range(min(num_outside, len(seq.block_table))):
+            block = seq.block_table[i]
+            if block != OUTSIDE_WINDOW:
+                seq.block_table[i] = OUTSIDE_WINDOW
+                self._drop(block)
+
     def deallocate(self, seq: Sequence) -> None:
         # the last pages go into the free list first, so a shared prefix outlives the tails that follow it
         for block in reversed(seq.block_table):
-            self.ref_counts[block] -= 1
-            assert self.ref_counts[block] >= 0
-            if self.ref_counts[block] == 0:
-                self._release(block)
+            if block != OUTSIDE_WINDOW:
+                self._drop(block)
         seq.block_table = []
         seq.num_cached_tokens = 0
+
+    def _drop(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0
+        if self.ref_counts[block] == 0:
+            self._release(block)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached page, e.g. after the model's weights changed; no page may be in use."""

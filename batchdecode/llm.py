@@ -66,7 +66,7 @@ class LLM:
         self.model_runner = ModelRunner(self.model, config)   # profiles, sizes and allocates the KV pool, captures
         self.config = self.model_runner.config                # every setting resolved
         self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, self.config.block_size,
-                                                self.config.enable_prefix_caching),
+                                                self.config.enable_prefix_caching, window=self.model.kv_window),
                                    self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self._calls = _OneCallAtATime(self.scheduler)
         # a caller's model instance may have its weights changed in place between calls (training, RL rollouts),

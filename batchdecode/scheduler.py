@@ -156,6 +156,7 @@ class Scheduler:
         for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples):
             seq.num_cached_tokens += num_new
             self.block_manager.commit(seq, seq.num_cached_tokens - num_new)
+            self.block_manager.release_outside_window(seq)
             if not samples:
                 continue   # a prompt chunk: nothing sampled yet
             seq.append_token(*next(sampled))

@@ -19,7 +19,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from batchdecode import kernels
 from batchdecode.batch import ForwardBatch
 
-from .layers import KVCache, gelu_tanh_and_mul, linear, soft_cap
+from .layers import KVCache, gelu_tanh_and_mul, kv_window, linear, soft_cap
 from .limits import context_limit
 from .rotary import build_cos_sin_cache, layer_type_rotary
 
@@ -94,6 +94,7 @@ class Gemma(nn.Module):
         self.head_dim = self.layers[0].self_attn.head_dim
         self.vocab_size = config.vocab_size
         self.windows = [layer.self_attn.window for layer in self.layers]
+        self.kv_window = kv_window(self.windows)   # None: the global layers see every token
         self.max_position = context_limit(config)
         device = self.embed_tokens.weight.device
         # one float32 cos|sin table per layer type (Gemma 3's local and global layers rotate with their own bases)

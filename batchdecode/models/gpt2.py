@@ -73,6 +73,7 @@ class GPT2(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.vocab_size = config.vocab_size
         self.max_position = context_limit(config)
+        self.kv_window = None   # full attention: no page is given back before its row ends
         self.eval()
 
     @torch.inference_mode()

@@ -23,6 +23,12 @@ def linear(x: Tensor, layer: nn.Module) -> Tensor:
     return layer(x)
 
 
+def kv_window(windows: list[int | None]) -> int | None:
+    """How far back any layer can look when every layer slides: the widest window; None when some layer attends
+    to everything (then no page can be given back before its row ends)."""
+    return max(windows) if windows and all(windows) else None
+
+
 _SQRT_2_OVER_PI = 0.7978845608028654
 
 

@@ -15,7 +15,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from batchdecode import kernels
 from batchdecode.batch import ForwardBatch
 
-from .layers import KVCache, linear
+from .layers import KVCache, kv_window, linear
 from .limits import context_limit
 from .rotary import build_cos_sin_cache
 
@@ -117,6 +117,7 @@ class Llama(nn.Module):
         self.vocab_size = config.vocab_size
         self.max_position = context_limit(config)
         self.windows = [layer.self_attn.window for layer in self.layers]
+        self.kv_window = kv_window(self.windows)   # pages wholly before it are given back (block_manager.py)
         # float32 whatever the model dtype; a plain attribute (not a buffer) so that no dtype conversion rounds it.
         self.cos_sin = build_cos_sin_cache(decoder.rotary_emb, self.max_position, self.embed_tokens.weight.device)
         self.eval()
