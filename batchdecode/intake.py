@@ -110,9 +110,13 @@ def check(index: int, token_ids: list[int], params: SamplingParams, limits: Limi
     """Refuse a request the engine could never finish, before any work starts."""
     if not token_ids:
         raise RequestError([index], "the prompt is empty (no tokens)")
-    bad = next((t for t in token_ids if not 0 <= t < limits.vocab_size), None)
+    bad = _outside(token_ids, limits.vocab_size)
     if bad is not None:
         raise RequestError([index], f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+    for name, ids in (("allowed_token_ids", params.allowed_token_ids or []), ("logit_bias", params.logit_bias or {})):
+        bad = _outside(ids, limits.vocab_size)
+        if bad is not None:
+            raise RequestError([index], f"{name} holds token id {bad}, outside the vocabulary [0, {limits.vocab_size})")
     total = len(token_ids) + params.max_tokens
     if total > limits.max_model_len:
         raise RequestError([index], f"{len(token_ids)} prompt tokens + max_tokens {params.max_tokens} = {total}, "
@@ -121,8 +125,13 @@ def check(index: int, token_ids: list[int], params: SamplingParams, limits: Limi
     if limits.num_kv_blocks is not None and pages > limits.num_kv_blocks:
         raise RequestError([index], f"needs {pages} KV pages of {limits.block_size} tokens, more than the whole "
                                     f"pool ({limits.num_kv_blocks}); raise num_kv_blocks or lower max_tokens")
-    if params.stop and not limits.has_tokenizer:
-        raise RequestError([index], "stop strings need a tokenizer, and this LLM has none")
+    for name, needs in (("stop strings", params.stop), ("bad_words", params.bad_words)):
+        if needs and not limits.has_tokenizer:
+            raise RequestError([index], f"{name} need a tokenizer, and this LLM has none")
+
+
+def _outside(token_ids, vocab_size: int) -> int | None:
+    return next((t for t in token_ids if not 0 <= t < vocab_size), None)
 
 
 def pages_for(num_tokens: int, block_size: int) -> int:

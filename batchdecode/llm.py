@@ -146,7 +146,7 @@ class LLM:
         for index, (prompt, p) in enumerate(zip(prompts, params)):
             text, token_ids = render(index, prompt, self.tokenizer, self.max_model_len)
             check(index, token_ids, p, limits)
-            bad_words = prepare_processors(index, p, self.tokenizer, self.model.vocab_size)
+            bad_words = prepare_processors(p, self.tokenizer)
             for i in range(p.n):   # completion i draws from its own seed, so it is reproducible alone
                 detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, p.stop) if p.stop else None
                 params = p if i == 0 else dataclasses.replace(p, seed=p.completion_seed(i))

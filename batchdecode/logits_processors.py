@@ -156,15 +156,6 @@ def bad_words_token_ids(bad_words: list[str], tokenizer) -> list[list[int]]:
     return [word for word in words if word]
 
 
-def check_token_ids(index: int, params, vocab_size: int) -> None:
-    """allowed_token_ids and logit_bias's ids must name vocabulary entries."""
-    for name, ids in (("allowed_token_ids", params.allowed_token_ids or []),
-                      ("logit_bias", list(params.logit_bias or {}))):
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt {index}: {name} holds token id {bad[0]}, outside the vocabulary [0, {vocab_size})")
-
-
 def _has_penalty(params) -> bool:
     return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
 
@@ -174,11 +165,9 @@ def _uses_processors(params) -> bool:
             or params.structured_outputs is not None or _has_penalty(params))
 
 
-def prepare(index: int, params, tokenizer, vocab_size: int) -> list[list[int]]:
-    """Check request index's processors against the vocabulary; its bad words as token ids."""
-    check_token_ids(index, params, vocab_size)
+def prepare(params, tokenizer) -> list[list[int]]:
+    """A request's bad words as token ids (intake.check has checked its token ids against the vocabulary, and
+    that there is a tokenizer)."""
     if not params.bad_words:
         return []
-    if tokenizer is None:
-        raise ValueError(f"prompt {index}: bad_words need a tokenizer, and this LLM has none")
     return bad_words_token_ids(params.bad_words, tokenizer)

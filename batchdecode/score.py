@@ -15,17 +15,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .engine_config import EngineConfig
+from .intake import RequestError
 from .prompt_file import InputError
 from .results_file import Manifest, ResultsFile
 
 _FIELDS = {"id", "prompt", "prompt_token_ids", "continuation"}
-_PROMPT_INDEX = re.compile(r"^prompt (\d+)(.*)")   # the engine names a request by its index in the list
 
 
 @dataclass(slots=True)
@@ -57,14 +56,16 @@ def add_parser(commands) -> None:
 def score(args: argparse.Namespace) -> int:
     if args.top_logprobs < 0:
         raise InputError(f"--top-logprobs must be >= 0, got {args.top_logprobs}")
-    lines = read_score_file(args.input)
+    lines, input_sha256 = read_score_file(args.input)
     from .model_source import resolve_model
     from .prompt_tokens import load_tokenizer
 
     folder = resolve_model(args.model, progress=not args.no_progress)
     tokenizer = load_tokenizer(folder)
     tokenized = [_tokenize(line, tokenizer) for line in lines]
-    results = ResultsFile(args.output, [line.id for line in lines], _manifest(args, folder), overwrite=args.overwrite)
+    _check_lengths(folder, lines, tokenized)   # before the weights load, as generate checks its input
+    results = ResultsFile(args.output, [line.id for line in lines], _manifest(args, folder, input_sha256),
+                          overwrite=args.overwrite)
     try:
         todo = [i for i in range(len(lines)) if i not in results.done()]
         if todo:
@@ -77,9 +78,12 @@ def score(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_score_file(path: Path) -> list[ScoreLine]:
+def read_score_file(path: Path) -> tuple[list[ScoreLine], str]:
+    """The lines, and the sha256 of the bytes parsed (the file is read once: a FIFO works, and a file changed
+    after reading cannot pass for the one that was read)."""
+    data = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     lines = [_parse(line, number) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
@@ -88,7 +92,7 @@ def read_score_file(path: Path) -> list[ScoreLine]:
     ids = [json.dumps(line.id) for line in lines]
     if len(set(ids)) != len(ids):
         raise InputError(f"{path}: ids must be unique")
-    return lines
+    return lines, hashlib.sha256(data).hexdigest()
 
 
 def _parse(text: str, number: int) -> ScoreLine:
@@ -131,10 +135,30 @@ def _tokenize(line: ScoreLine, tokenizer) -> tuple[list[int], int | None]:
     return ids, start
 
 
-def _manifest(args: argparse.Namespace, folder: Path) -> Manifest:
-    decisive = dict(command="score", input_sha256=hashlib.sha256(args.input.read_bytes()).hexdigest(),
-                    model=str(folder.resolve()), top_logprobs=args.top_logprobs, dtype=args.dtype,
-                    device=args.device)
+def _check_lengths(folder: Path, lines: list[ScoreLine], tokenized: list[tuple[list[int], int | None]]) -> None:
+    from transformers import AutoConfig
+
+    from .intake import Limits, RequestError, check
+    from .models.limits import context_limit
+    from .sampling_params import SamplingParams
+
+    config = AutoConfig.from_pretrained(folder)
+    limits = Limits(config.vocab_size, context_limit(config), EngineConfig().block_size)
+    params = SamplingParams(max_tokens=1)
+    for index, (line, (ids, _)) in enumerate(zip(lines, tokenized)):
+        try:
+            check(index, ids, params, limits)
+        except RequestError as e:
+            raise InputError(f"line {line.line}: {e.reason}") from None
+
+
+def _manifest(args: argparse.Namespace, folder: Path, input_sha256: str) -> Manifest:
+    from .checkpoint import fingerprint
+    from .intake import default_device
+
+    decisive = dict(command="score", input_sha256=input_sha256, model=str(folder.resolve()),
+                    weights=fingerprint(folder), top_logprobs=args.top_logprobs, dtype=args.dtype,
+                    device=str(default_device(args.device)))
     return Manifest(decisive, dict(input=str(args.input.resolve())))
 
 
@@ -163,12 +187,10 @@ def _run(args, folder: Path, tokenizer, lines: list[ScoreLine], tokenized: list[
             writer.close()
     except InputError:
         raise
-    except ValueError as e:   # the engine refusing a request (too long for the model) or the options
-        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        match = _PROMPT_INDEX.match(message)
-        if match:
-            message = f"line {lines[todo[int(match[1])]].line}{match[2]}"
-        raise InputError(message) from None
+    except RequestError as e:   # the engine refusing requests (too long for the model), by index in its call
+        raise InputError(f"line {lines[todo[e.indices[0]]].line}: {e.reason}") from None
+    except ValueError as e:   # the options
+        raise InputError((str(e).strip().splitlines() or [type(e).__name__])[0]) from None
 
 
 def _record(request_id: str | int, output, tokenizer, top: int, continuation_start: int | None) -> dict:
