@@ -7,6 +7,7 @@ logits are peaked enough for greedy decoding to be stable under fp32 rounding.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -97,3 +98,17 @@ def save_tiny_checkpoint(arch: str, path: str | Path, dtype: torch.dtype = torch
     tiny_model(arch, dtype).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def add_tokenizer_code(folder: Path, marker: Path) -> Path:
+    """Make a checkpoint's tokenizer need code of its own (an auto_map to a module in the folder, as some hub
+    models ship); importing that module writes `marker`, so a test sees whether the folder's code ran."""
+    (folder / "custom_tokenizer.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(auto_map={"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]},
+                  tokenizer_class="CustomTokenizer")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder

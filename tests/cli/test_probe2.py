@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from tiny_models import tiny_model
+from tiny_models import add_tokenizer_code, tiny_model
 from transformers import PreTrainedTokenizerFast
 
 from batchdecode.cli import main
@@ -111,17 +111,8 @@ def test_a_resume_after_the_weights_were_overwritten_is_refused(checkpoint, tmp_
 
 @pytest.fixture
 def remote_code_checkpoint(checkpoint, tmp_path):
-    model = shutil.copytree(checkpoint, tmp_path / "remote")
     marker = tmp_path / "the folder's code ran"
-    (model / "custom_tokenizer.py").write_text(
-        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-        "from transformers import PreTrainedTokenizerFast\n\n\n"
-        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    config.update(auto_map={"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]},
-                  tokenizer_class="CustomTokenizer")
-    (model / "tokenizer_config.json").write_text(json.dumps(config))
-    return model, marker
+    return add_tokenizer_code(shutil.copytree(checkpoint, tmp_path / "remote"), marker), marker
 
 
 def test_a_model_folders_code_never_runs_unasked(remote_code_checkpoint, tmp_path, capsys, monkeypatch):

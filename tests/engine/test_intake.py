@@ -1,10 +1,8 @@
 """The one request intake (batchdecode/intake.py) as LLM uses it: chat messages rendered as the CLI renders them,
 over-long text refused before the tokenizer sees it, refusals that carry the request indices, no folder code run
 unless asked, and the page count of a request."""
-import json
-
 import pytest
-from tiny_models import save_tiny_checkpoint, tiny_model, tiny_tokenizer
+from tiny_models import add_tokenizer_code, save_tiny_checkpoint, tiny_model, tiny_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from batchdecode import intake
@@ -54,16 +52,8 @@ def test_a_refusal_carries_the_indices_and_the_reason(llm):
 
 
 def test_a_folders_own_tokenizer_code_runs_only_when_asked(tmp_path):
-    folder = save_tiny_checkpoint("llama", tmp_path / "ckpt")
     marker = tmp_path / "ran"
-    (folder / "custom_tokenizer.py").write_text(
-        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-        "from transformers import PreTrainedTokenizerFast\n\n\n"
-        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.update(auto_map={"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]},
-                  tokenizer_class="CustomTokenizer")
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    folder = add_tokenizer_code(save_tiny_checkpoint("llama", tmp_path / "ckpt"), marker)
     with pytest.raises(RemoteCodeError, match="trust_remote_code=True"):
         LLM(str(folder), num_kv_blocks=8)
     assert not marker.exists()
