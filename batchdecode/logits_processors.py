@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .structured_output import disallowed_mask
+from .structured_output import disallowed, grammar_bitmask
 from .transfer import to_device
 
 if TYPE_CHECKING:
@@ -56,19 +56,23 @@ class ProcessorTensors:
         tensors._penalties(seqs, vocab_size, device)
         return tensors
 
+    # The dense [rows, vocab] tensors are built on the device from what the host lists (ids, or the grammar's
+    # bitmask, 32 ids a word), so a step copies O(tokens) across, not O(rows x vocab).
+
     def _allowed(self, seqs: list[Sequence], vocab_size: int, device: torch.device) -> None:
         rows = [row for row, seq in enumerate(seqs) if seq.params.allowed_token_ids]
         if rows:
-            mask = torch.ones(len(rows), vocab_size, dtype=torch.bool)
-            for i, row in enumerate(rows):
-                mask[i, seqs[row].params.allowed_token_ids] = False
-            self.allowed_rows, self.allowed_mask = to_device(device, torch.tensor(rows), mask)
+            lists = [seqs[row].params.allowed_token_ids for row in rows]
+            self.allowed_rows, at, ids = to_device(device, torch.tensor(rows), *_flat(lists))
+            self.allowed_mask = torch.ones(len(rows), vocab_size, dtype=torch.bool, device=device)
+            self.allowed_mask[at, ids] = False
 
     def _grammar(self, seqs: list[Sequence], vocab_size: int, device: torch.device) -> None:
         rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
         if rows:
-            mask = disallowed_mask([seqs[row] for row in rows], vocab_size)
-            self.grammar_rows, self.grammar_mask = to_device(device, torch.tensor(rows), mask)
+            (self.grammar_rows,) = to_device(device, torch.tensor(rows))
+            (bitmask,) = to_device(device, grammar_bitmask([seqs[row] for row in rows], vocab_size))
+            self.grammar_mask = disallowed(bitmask, vocab_size)
 
     def _bad_words(self, seqs: list[Sequence], device: torch.device) -> None:
         banned = [(row, token) for row, seq in enumerate(seqs) for token in banned_bad_word_tokens(seq)]
@@ -81,25 +85,33 @@ class ProcessorTensors:
                    for token, bias in (seq.params.logit_bias or {}).items()]
         if entries:
             rows, tokens, values = zip(*entries)
-            self.bias_rows, self.bias_tokens, self.bias_values = to_device(
-                device, torch.tensor(rows), torch.tensor(tokens), torch.tensor(values, dtype=torch.float32))
+            self.bias_rows, self.bias_tokens = to_device(device, torch.tensor(rows), torch.tensor(tokens))
+            (self.bias_values,) = to_device(device, torch.tensor(values, dtype=torch.float32))
 
     def _penalties(self, seqs: list[Sequence], vocab_size: int, device: torch.device) -> None:
         rows = [row for row, seq in enumerate(seqs) if _has_penalty(seq.params)]
         if not rows:
             return
-        counts = torch.zeros(len(rows), vocab_size, dtype=torch.float32)
-        seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool)
-        for i, row in enumerate(rows):
-            seq = seqs[row]
-            output = torch.tensor(seq.completion_token_ids, dtype=torch.int64)
-            counts[i].index_add_(0, output, torch.ones(len(output)))   # counts of small ints: exact
-            seen[i, seq.token_ids] = True
         numbers = torch.tensor([[seqs[row].params.repetition_penalty, seqs[row].params.frequency_penalty,
                                  seqs[row].params.presence_penalty] for row in rows], dtype=torch.float32)
-        self.penalty_rows, numbers, self.output_counts, self.seen = to_device(
-            device, torch.tensor(rows), numbers, counts, seen)
+        (numbers,) = to_device(device, numbers)   # to_device copies tensors of one dtype together
+        self.penalty_rows, out_at, out_ids, all_at, all_ids = to_device(
+            device, torch.tensor(rows), *_flat([seqs[row].completion_token_ids for row in rows]),
+            *_flat([seqs[row].token_ids for row in rows]))
         self.repetition, self.frequency, self.presence = numbers.unbind(1)
+        # counts of small integers in float32 are exact whatever order the additions land in
+        self.output_counts = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
+        self.output_counts.index_put_((out_at, out_ids), torch.ones_like(out_ids, dtype=torch.float32),
+                                      accumulate=True)
+        self.seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
+        self.seen[all_at, all_ids] = True
+
+
+def _flat(lists: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """(list index, value) of every value of lists, as two int64 tensors."""
+    lengths = torch.tensor([len(values) for values in lists])
+    values = torch.tensor([v for values in lists for v in values], dtype=torch.int64)
+    return torch.repeat_interleave(torch.arange(len(lists)), lengths), values
 
 
 def apply_before_min_tokens(logits: Tensor, processors: ProcessorTensors) -> Tensor:

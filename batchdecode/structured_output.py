@@ -71,15 +71,20 @@ class Grammars:
         return self._compiler
 
 
-def disallowed_mask(seqs: list[Sequence], vocab_size: int) -> Tensor:
-    """[len(seqs), vocab] bool, True where the row's grammar forbids the token now (host tensor)."""
+def grammar_bitmask(seqs: list[Sequence], vocab_size: int) -> Tensor:
+    """[len(seqs), ceil(vocab / 32)] int32 on the host: bit i of word j is set where token 32 j + i is allowed."""
     import xgrammar
 
     bitmask = xgrammar.allocate_token_bitmask(len(seqs), vocab_size)
     for row, seq in enumerate(seqs):
         seq.grammar.fill_next_token_bitmask(bitmask, row)
-    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-    return bits.flatten(1)[:, :vocab_size] == 0
+    return bitmask
+
+
+def disallowed(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """[rows, vocab] bool, True where the bitmask forbids the token (on the bitmask's device)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab_size] == 0
 
 
 def accept(seq: Sequence, token_id: int) -> None:
