@@ -320,7 +320,7 @@ def test_non_finite_logits_raise_naming_the_request():
     with pytest.raises(ValueError, match=r"prompts 1, 3: the model produced non-finite logits"):
         llm.generate(prompts, greedy(4), use_tqdm=False)
     assert llm.scheduler.is_finished()
-    with pytest.raises(ValueError, match=r"request 1: .*non-finite"):
+    with pytest.raises(ValueError, match=r"prompt 1: .*non-finite"):
         llm.generate(prompts[:2], SamplingParams(temperature=0.8, max_tokens=4, logprobs=2, seed=0), use_tqdm=False)
     assert len(llm.generate([prompts[0], prompts[2]], greedy(4), use_tqdm=False)) == 2
 
