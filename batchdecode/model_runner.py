@@ -130,7 +130,8 @@ class ModelRunner:
         sampled_seqs = batch.sampled_seqs
         graph_size = self._graph_size(batch)
         scored = [scored_positions(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        if graph_size is not None:   # a decode step scores no prompt token
+        if graph_size is not None:
+            assert not any(scored), "a decode step scores no prompt token (its row is at or past the prompt's end)"
             logits = self.graphs.replay(self.prepare_inputs(batch, graph_size))[:len(sampled_seqs)]
         else:
             logits = self.model(self.prepare_inputs(batch, scored=scored), self.kv_caches)
