@@ -1,8 +1,10 @@
 """Next-token sampling on the device, vectorised across rows that each carry their own parameters.
 
-Order, as in transformers: min_tokens masking, then greedy rows take the argmax; the others divide by their
-temperature, keep their top-k, then top-p, then min-p tokens, and draw with the exponential race: argmax of
-probs / E with E ~ Exp(1) per token, which picks token i with probability probs[i]. A seeded row's E comes
+The raw logprobs are taken first (token_logprobs, shared with prompt scoring). Then the logits processors in vLLM
+v1's order (logits_processors.py: allowed ids and the structured-output grammar, bad words, min_tokens masking,
+logit_bias, penalties), then greedy rows take the argmax; the others divide by their temperature, keep their
+top-k, then top-p, then min-p tokens, and draw with the exponential race: argmax of probs / E with E ~ Exp(1) per
+token, which picks token i with probability probs[i]. A seeded row's E comes
 from a counter-based hash of (seed, token index in the request, vocab id), so its draw never depends on what
 else is in the batch or how many steps the batch took; unseeded rows use torch's global generator.
 A row whose logits are not finite (NaN or inf weights, float16 overflow) gets token id -1, which the host reads
