@@ -36,6 +36,7 @@ ISA_CPU_FLAGS = {  # what /proc/cpuinfo must list for each build to run
     "avx2": {"avx2", "fma", "f16c"},
 }
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 512  # the attention kernel's register budget (kernels.h); larger head dims take the twin
 
 
 def cpu_flags() -> set[str]:
@@ -76,10 +77,17 @@ def extension(isa: str | None = None) -> ModuleType:
         try:
             build.module = _compile(isa)
         except Exception as e:  # no compiler, no ninja, a failed build: the reason is kept and reported
-            build.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            build.error = _reason(e)
     if build.error:
         raise RuntimeError(f"the native CPU kernels ({isa}) could not be built: {build.error}")
     return build.module
+
+
+def _reason(e: Exception) -> str:
+    """One line: the compiler's first error where there is one, else the exception's last line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return f"{type(e).__name__}: {(errors or lines or [''])[0 if errors else -1]}"
 
 
 def _compile(isa: str) -> ModuleType:
@@ -157,19 +165,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, isa: str | 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cu_q_lens: Tensor,
                     kv_lens: Tensor, *, kv_start: Tensor | None = None, scale: float | None = None,
-                    window: int | None = None, isa: str | None = None) -> Tensor:
-    """The twin's paged attention; `window` (optional) limits a query to slots max(kv_start, own - window + 1)
-    .. own."""
-    if q.dtype not in DTYPES:
+                    window: int | None = None, softcap: float | None = None, isa: str | None = None) -> Tensor:
+    """The twin's paged attention: a query sees slots max(kv_start, own - window + 1) .. own (window None or 0:
+    from kv_start), scores soft-capped when softcap is given."""
+    if q.dtype not in DTYPES or q.shape[-1] > MAX_HEAD_DIM:
         return reference.paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, kv_start=kv_start,
-                                         scale=scale)
+                                         scale=scale, window=window, softcap=softcap)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q = q if q.stride(2) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype)
     metadata = [t.contiguous() for t in (block_table, cu_q_lens, kv_lens)]
     extension(isa).paged_attention(q.detach(), k_cache, v_cache, *metadata,
                                    None if kv_start is None else kv_start.contiguous(), float(scale),
-                                   0 if window is None else int(window), out)
+                                   int(window or 0), float(softcap or 0.0), out)
     return out
 
 
@@ -182,7 +190,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     residual_out = x if residual is None else torch.empty(x.shape, dtype=x.dtype)
     if residual is not None and residual.stride(-1) != 1:
         residual = residual.contiguous()
-    extension(isa).rms_norm(x.detach(), weight.detach().contiguous(), float(eps),
+    extension(isa).rms_norm(x.detach(), weight.detach().float().contiguous(), float(eps),
                             None if residual is None else residual.detach(), out, residual_out)
     return out, residual_out
 
@@ -196,6 +204,34 @@ def silu_and_mul(x: Tensor, *, isa: str | None = None) -> Tensor:
     return out
 
 
-# rope and the cache write are cheap row-wise copies next to attention and linear: the twins serve them
-rope_and_store_kv = reference.rope_and_store_kv
-store_kv = reference.store_kv
+def _heads_contiguous(t: Tensor) -> bool:
+    return t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
+
+
+def rope_and_store_kv(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos_sin_cache: Tensor, k_cache: Tensor,
+                      v_cache: Tensor, slot_mapping: Tensor, *, rotary_dim: int | None = None, neox_style: bool = True,
+                      isa: str | None = None) -> tuple[Tensor, Tensor]:
+    """The twin's rope and cache write in one pass over the tokens (q and k rotated in place)."""
+    rotary_dim = cos_sin_cache.shape[-1] if rotary_dim is None else rotary_dim
+    if not _native_cache_write(q, k, v, k_cache, v_cache):
+        return reference.rope_and_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                           rotary_dim=rotary_dim, neox_style=neox_style)
+    extension(isa).rope_and_store_kv(q.detach(), k.detach(), v.detach(), positions.long().contiguous(),
+                                     cos_sin_cache.detach().float().contiguous(), int(rotary_dim), bool(neox_style), True,
+                                     k_cache, v_cache, slot_mapping.long().contiguous())
+    return q, k
+
+
+def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, *,
+             isa: str | None = None) -> None:
+    if not _native_cache_write(k, k, v, k_cache, v_cache):
+        return reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    none = torch.empty(0)
+    extension(isa).rope_and_store_kv(k.detach(), k.detach(), v.detach(), none, none, 0, True, False, k_cache, v_cache,
+                                     slot_mapping.long().contiguous())
+
+
+def _native_cache_write(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Whether the native kernel takes these tensors (else the twin, which handles any layout and dtype mix)."""
+    return (k.dtype in DTYPES and all(t.dtype == k.dtype for t in (q, v, k_cache, v_cache))
+            and all(_heads_contiguous(t) for t in (q, k, v)) and k_cache.is_contiguous() and v_cache.is_contiguous())

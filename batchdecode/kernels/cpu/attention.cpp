@@ -16,7 +16,10 @@
 namespace bd {
 namespace {
 
-constexpr int MAX_VECTORS = 256 / VL;  // head_dim <= 256
+constexpr int MAX_VECTORS = MAX_HEAD_DIM / VL;
+
+// head_dim rounded up to whole vectors: the fp32 buffers' row length (the padding stays zero)
+int64_t padded(int64_t dim) { return (dim + VL - 1) / VL * VL; }
 
 struct SoftmaxState {  // one split's (or the fold's) running max, sum and weighted values, per query head
   std::vector<float> max, sum, acc;
@@ -31,7 +34,8 @@ struct SoftmaxState {  // one split's (or the fold's) running max, sum and weigh
 struct Scratch {  // one thread's buffers, reused across its tasks
   std::vector<float> q, scores;
   SoftmaxState split, total;
-  Scratch(int64_t heads, int64_t dim) : q(heads * dim), scores(heads * TILE), split(heads, dim), total(heads, dim) {}
+  Scratch(int64_t heads, int64_t dim)
+      : q(heads * padded(dim)), scores(heads * TILE), split(heads, padded(dim)), total(heads, padded(dim)) {}
 };
 
 struct Query {
@@ -42,7 +46,9 @@ struct Query {
 template <typename T>
 void load_query(const PagedAttentionArgs& a, const Query& query, int64_t heads, float* q) {
   const T* src = static_cast<const T*>(a.q) + query.token * a.q_token_stride + query.kv_head * heads * a.head_dim;
-  for (int64_t i = 0; i < heads * a.head_dim; i += VL) store(q + i, load(src + i));
+  const int64_t dim = a.head_dim, dim_p = padded(dim);
+  for (int64_t g = 0; g < heads; ++g)
+    for (int64_t i = 0; i < dim; i += VL) store(q + g * dim_p + i, load_n(src + g * dim + i, dim - i));
 }
 
 // slot -> its row in the cache (element offset of [page, offset, kv_head, 0])
@@ -56,19 +62,24 @@ template <typename T>
 void tile_scores(const PagedAttentionArgs& a, const Query& query, int64_t heads, const float* q, int64_t first,
                  int64_t n, float* scores) {
   const T* k_cache = static_cast<const T*>(a.k_cache);
-  const int64_t vectors = a.head_dim / VL;
+  const int64_t dim = a.head_dim, dim_p = padded(dim), vectors = dim_p / VL;
   vf k[MAX_VECTORS];
   for (int64_t i = 0; i < n; ++i) {
     const T* key = k_cache + slot_offset(a, query, first + i);
-    for (int64_t j = 0; j < vectors; ++j) k[j] = load(key + j * VL);
+    for (int64_t j = 0; j < vectors; ++j) k[j] = load_n(key + j * VL, dim - j * VL);
     for (int64_t g = 0; g < heads; ++g) {
       vf dot = vzero();
-      for (int64_t j = 0; j < vectors; ++j) dot = vfma(load(q + g * a.head_dim + j * VL), k[j], dot);
+      for (int64_t j = 0; j < vectors; ++j) dot = vfma(load(q + g * dim_p + j * VL), k[j], dot);
       scores[g * TILE + i] = hsum(dot) * a.scale;
     }
   }
-  for (int64_t g = 0; g < heads; ++g)
-    for (int64_t i = n; i < TILE; ++i) scores[g * TILE + i] = -std::numeric_limits<float>::infinity();
+  for (int64_t g = 0; g < heads; ++g) {
+    float* s = scores + g * TILE;
+    if (a.softcap > 0)  // Gemma 2: softcap * tanh(score / softcap)
+      for (int64_t i = 0; i < TILE; i += VL)
+        store(s + i, vmul(vtanh(vdiv(load(s + i), vset1(a.softcap))), vset1(a.softcap)));
+    for (int64_t i = n; i < TILE; ++i) s[i] = -std::numeric_limits<float>::infinity();
+  }
 }
 
 // the online-softmax step: scores become weights in place, the state's sums and values are rescaled
@@ -96,14 +107,14 @@ template <typename T>
 void tile_values(const PagedAttentionArgs& a, const Query& query, int64_t heads, int64_t first, int64_t n,
                  const float* weights, SoftmaxState& state) {
   const T* v_cache = static_cast<const T*>(a.v_cache);
-  const int64_t vectors = a.head_dim / VL;
+  const int64_t dim = a.head_dim, dim_p = padded(dim), vectors = dim_p / VL;
   vf v[MAX_VECTORS];
   for (int64_t i = 0; i < n; ++i) {
     const T* value = v_cache + slot_offset(a, query, first + i);
-    for (int64_t j = 0; j < vectors; ++j) v[j] = load(value + j * VL);
+    for (int64_t j = 0; j < vectors; ++j) v[j] = load_n(value + j * VL, dim - j * VL);
     for (int64_t g = 0; g < heads; ++g) {
       vf w = vset1(weights[g * TILE + i]);
-      float* acc = state.acc.data() + g * a.head_dim;
+      float* acc = state.acc.data() + g * dim_p;
       for (int64_t j = 0; j < vectors; ++j) store(acc + j * VL, vfma(w, v[j], load(acc + j * VL)));
     }
   }
@@ -125,10 +136,10 @@ void fold(int64_t heads, int64_t dim, const SoftmaxState& split, SoftmaxState& t
 
 template <typename T>
 void attend(const PagedAttentionArgs& a, const Query& query, Scratch& s) {
-  const int64_t heads = a.num_heads / a.num_kv_heads, dim = a.head_dim;
+  const int64_t heads = a.num_heads / a.num_kv_heads, dim = a.head_dim, dim_p = padded(dim);
   T* out = static_cast<T*>(a.out) + (query.token * a.num_heads + query.kv_head * heads) * dim;
   if (query.end_slot <= query.first_slot) {  // sees no slot: zeros, not NaN
-    for (int64_t i = 0; i < heads * dim; i += VL) store(out + i, vzero());
+    for (int64_t i = 0; i < heads * dim; i += VL) store_n(out + i, vzero(), heads * dim - i);
     return;
   }
   load_query<T>(a, query, heads, s.q.data());
@@ -140,15 +151,16 @@ void attend(const PagedAttentionArgs& a, const Query& query, Scratch& s) {
     for (int64_t tile = begin; tile < end; tile += TILE) {
       int64_t n = std::min<int64_t>(TILE, end - tile);
       tile_scores<T>(a, query, heads, s.q.data(), tile, n, s.scores.data());
-      tile_softmax(heads, dim, s.scores.data(), s.split);
+      tile_softmax(heads, dim_p, s.scores.data(), s.split);
       tile_values<T>(a, query, heads, tile, n, s.scores.data(), s.split);
     }
     if (begin == query.first_slot) std::swap(s.total, s.split);  // the first split is the fold's start
-    else fold(heads, dim, s.split, s.total);
+    else fold(heads, dim_p, s.split, s.total);
   }
   for (int64_t g = 0; g < heads; ++g) {
-    vf inv_sum = vset1(s.total.sum[g]);
-    for (int64_t j = 0; j < dim; j += VL) store(out + g * dim + j, vdiv(load(s.total.acc.data() + g * dim + j), inv_sum));
+    vf sum = vset1(s.total.sum[g]);
+    for (int64_t j = 0; j < dim; j += VL)
+      store_n(out + g * dim + j, vdiv(load(s.total.acc.data() + g * dim_p + j), sum), dim - j);
   }
 }
 

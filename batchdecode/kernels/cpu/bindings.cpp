@@ -53,13 +53,14 @@ void linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<a
 
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_table, const at::Tensor& cu_q_lens, const at::Tensor& kv_lens,
-                     const c10::optional<at::Tensor>& kv_start, double scale, int64_t window, at::Tensor& out) {
+                     const c10::optional<at::Tensor>& kv_start, double scale, int64_t window, double softcap,
+                     at::Tensor& out) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_attention: q rows must be [H, D] contiguous");
   check_cpu_contiguous(k_cache, "k_cache");
   check_cpu_contiguous(v_cache, "v_cache");
   check_cpu_contiguous(out, "out");
   for (const at::Tensor* t : {&block_table, &cu_q_lens, &kv_lens}) check_cpu_contiguous(*t, "paged_attention metadata");
-  TORCH_CHECK(q.size(2) % bd::VL == 0 && q.size(2) <= 256, "paged_attention: head_dim must be a multiple of ", bd::VL, " up to 256");
+  TORCH_CHECK(q.size(2) <= bd::MAX_HEAD_DIM, "paged_attention: the native kernel serves head dims up to ", bd::MAX_HEAD_DIM);
   bd::PagedAttentionArgs args{};
   args.q = q.data_ptr();
   args.out = out.data_ptr();
@@ -83,6 +84,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   }
   args.scale = float(scale);
   args.window = window;
+  args.softcap = float(softcap);
   if (args.num_tokens == 0) return;
   bd::paged_attention(args);
 }
@@ -91,6 +93,7 @@ void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, const c
               at::Tensor& out, at::Tensor& residual_out) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rms_norm: x must be [rows, dim] with unit stride in dim");
   check_cpu_contiguous(weight, "weight");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.numel() == x.size(1), "rms_norm: weight must be fp32 [dim]");
   check_cpu_contiguous(out, "out");
   const void* residual_ptr = nullptr;
   int64_t residual_stride = 0;
@@ -111,6 +114,50 @@ void silu_and_mul(const at::Tensor& x, at::Tensor& out) {
   bd::silu_and_mul(x.data_ptr(), out.data_ptr(), x.size(0), x.size(1) / 2, x.stride(0), dtype_of(x));
 }
 
+// q, k, v: [T, heads, D] with each token's heads contiguous; positions, slot_mapping int64; cos_sin fp32
+void rope_and_store_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                       const at::Tensor& cos_sin, int64_t rotary_dim, bool neox_style, bool rotate, at::Tensor& k_cache,
+                       at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v})
+    TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->stride(1) == t->size(2) && t->scalar_type() == k_cache.scalar_type(),
+                "rope_and_store_kv: q, k, v must be [T, heads, D] with contiguous heads, in the cache's dtype");
+  check_cpu_contiguous(k_cache, "k_cache");
+  check_cpu_contiguous(v_cache, "v_cache");
+  check_cpu_contiguous(slot_mapping, "slot_mapping");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == k.size(0), "rope_and_store_kv: slot_mapping int64 [T]");
+  TORCH_CHECK(k_cache.numel() == v_cache.numel() && k_cache.size(-1) * k_cache.size(-2) == k.size(1) * k.size(2),
+              "rope_and_store_kv: cache rows must hold [KVH, D]");
+  bd::RopeArgs args{};
+  args.q = q.data_ptr();
+  args.k = k.data_ptr();
+  args.v = v.data_ptr();
+  args.q_stride = q.stride(0);
+  args.k_stride = k.stride(0);
+  args.v_stride = v.stride(0);
+  args.dtype = dtype_of(k);
+  args.num_tokens = k.size(0);
+  args.num_heads = q.size(1);
+  args.num_kv_heads = k.size(1);
+  args.head_dim = k.size(2);
+  args.rotate = rotate;
+  if (rotate) {
+    check_cpu_contiguous(positions, "positions");
+    check_cpu_contiguous(cos_sin, "cos_sin_cache");
+    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == k.size(0), "rope_and_store_kv: positions int64 [T]");
+    TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.dim() == 2 && rotary_dim <= cos_sin.size(1) &&
+                rotary_dim % 2 == 0 && rotary_dim <= k.size(2), "rope_and_store_kv: cos_sin_cache fp32 [positions, >= rotary_dim]");
+    args.positions = positions.data_ptr<int64_t>();
+    args.cos_sin = cos_sin.data_ptr<float>();
+    args.cos_sin_stride = cos_sin.size(1);
+    args.rotary_dim = rotary_dim;
+    args.neox_style = neox_style;
+  }
+  args.k_cache = k_cache.data_ptr();
+  args.v_cache = v_cache.data_ptr();
+  args.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  bd::rope_and_store_kv(args);
+}
+
 std::string linear_path(at::ScalarType dtype) {
   return bd::linear_path(to_dtype(dtype));
 }
@@ -125,7 +172,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, release());
   m.def("rms_norm", &rms_norm, release());
   m.def("silu_and_mul", &silu_and_mul, release());
+  m.def("rope_and_store_kv", &rope_and_store_kv, release());
   m.def("linear_path", &linear_path);
   m.attr("VECTOR_LANES") = bd::VL;
   m.attr("KV_SPLIT") = bd::KV_SPLIT;
+  m.attr("MAX_HEAD_DIM") = bd::MAX_HEAD_DIM;
 }

@@ -14,6 +14,7 @@ namespace bd {
 // split, scores are taken TILE slots at a time. Both depend on nothing but the query's own slots.
 constexpr int64_t KV_SPLIT = 512;
 constexpr int64_t TILE = 32;
+constexpr int64_t MAX_HEAD_DIM = 512;
 
 struct PagedAttentionArgs {
   const void* q;  // [num_tokens, num_heads, head_dim], rows q_token_stride apart, heads head_dim apart
@@ -29,6 +30,7 @@ struct PagedAttentionArgs {
   const int32_t* kv_start;   // [num_rows] or null (every row from slot 0)
   float scale;
   int64_t window;  // a query sees slots max(kv_start, own - window + 1) .. own; window <= 0: no window
+  float softcap;   // > 0: each score s becomes softcap * tanh(s / softcap) (Gemma 2); 0: none
 };
 void paged_attention(const PagedAttentionArgs& args);
 
@@ -48,10 +50,30 @@ const char* linear_path(DType dtype);  // which micro-kernel serves this dtype (
 
 // ---- row-wise kernels (rowwise.cpp)
 
-// out = weight * round(x / rms(x)); with residual: x = round(x + residual) first, written to residual_out
+// out = weight (fp32) * round(x / rms(x)); with residual: x = round(x + residual) first, written to residual_out
 void rms_norm(const void* x, const void* residual, const void* weight, void* out, void* residual_out, int64_t rows,
               int64_t dim, int64_t x_stride, int64_t residual_stride, float eps, DType dtype);
 // out[r, :] = silu(x[r, :n]) * x[r, n:]
 void silu_and_mul(const void* x, void* out, int64_t rows, int64_t n, int64_t x_stride, DType dtype);
+
+// Rotate q [T, H, D] and k [T, KVH, D] in place at each token's position (rotary_dim features, neox or
+// interleaved pairs), then copy k and v [T, KVH, D] (heads contiguous) to their cache slots; slot < 0 stores nothing.
+struct RopeArgs {
+  void* q;
+  void* k;
+  const void* v;
+  int64_t q_stride, k_stride, v_stride;  // between tokens, in elements
+  DType dtype;
+  int64_t num_tokens, num_heads, num_kv_heads, head_dim;
+  bool rotate;  // false: the cache write alone (store_kv)
+  const int64_t* positions;
+  const float* cos_sin;  // [max_position, cos_sin_stride]: cos in the first rotary_dim / 2, sin in the next
+  int64_t cos_sin_stride, rotary_dim;
+  bool neox_style;
+  void* k_cache;  // [slots, num_kv_heads, head_dim], contiguous
+  void* v_cache;
+  const int64_t* slot_mapping;
+};
+void rope_and_store_kv(const RopeArgs& args);
 
 }  // namespace bd

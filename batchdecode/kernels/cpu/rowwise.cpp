@@ -5,17 +5,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "kernels.h"
 
 namespace bd {
 namespace {
 
-template <typename T>
-vf load_n(const T* p, int64_t n) { return n >= VL ? load(p) : load_partial(p, int(n)); }
-
-template <typename T>
-void store_n(T* p, vf v, int64_t n) { n >= VL ? store(p, v) : store_partial(p, v, int(n)); }
+constexpr int64_t PARALLEL_ELEMENTS = 1 << 16;  // below this, one thread: a parallel region costs more
 
 template <typename T>
 vf round_to(vf v) {  // v rounded to T and widened back
@@ -25,9 +22,9 @@ vf round_to(vf v) {  // v rounded to T and widened back
 }
 
 template <typename T>
-void rms_norm_rows(const T* x, const T* residual, const T* weight, T* out, T* residual_out, int64_t rows,
+void rms_norm_rows(const T* x, const T* residual, const float* weight, T* out, T* residual_out, int64_t rows,
                    int64_t dim, int64_t x_stride, int64_t residual_stride, float eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * dim >= PARALLEL_ELEMENTS)
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = x + r * x_stride;
     if (residual) {  // x + residual, rounded to T: the residual stream the next layer adds to
@@ -51,7 +48,7 @@ void rms_norm_rows(const T* x, const T* residual, const T* weight, T* out, T* re
 
 template <typename T>
 void silu_and_mul_rows(const T* x, T* out, int64_t rows, int64_t n, int64_t x_stride) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_ELEMENTS)
   for (int64_t r = 0; r < rows; ++r) {
     const T* gate = x + r * x_stride;
     const T* up = gate + n;
@@ -63,12 +60,61 @@ void silu_and_mul_rows(const T* x, T* out, int64_t rows, int64_t n, int64_t x_st
   }
 }
 
+template <typename T>
+T from_float(float x) {
+  T buf[VL];
+  store(buf, vset1(x));
+  return buf[0];
+}
+
+// rotate n pairs (first[i], second[i]) of one head by (cos[i], sin[i]), each result rounded once to T
+template <typename T>
+void rotate(T* x, int64_t half, bool neox, const float* cos, const float* sin) {
+  for (int64_t i = 0; i < half; ++i) {
+    T* a = neox ? x + i : x + 2 * i;
+    T* b = neox ? x + i + half : x + 2 * i + 1;
+    float x1 = to_float(*a), x2 = to_float(*b);
+    *a = from_float<T>(x1 * cos[i] - x2 * sin[i]);
+    *b = from_float<T>(x2 * cos[i] + x1 * sin[i]);
+  }
+}
+
+template <typename T>
+void rope_and_store_rows(const RopeArgs& a) {
+  const int64_t half = a.rotary_dim / 2, kv_row = a.num_kv_heads * a.head_dim;
+  T* k_cache = static_cast<T*>(a.k_cache);
+  T* v_cache = static_cast<T*>(a.v_cache);
+#pragma omp parallel for schedule(static) if (a.num_tokens * (a.num_heads + a.num_kv_heads) * a.head_dim >= PARALLEL_ELEMENTS)
+  for (int64_t t = 0; t < a.num_tokens; ++t) {
+    const float* cos = a.cos_sin + a.positions[t] * a.cos_sin_stride;
+    const float* sin = cos + half;
+    T* q = static_cast<T*>(a.q) + t * a.q_stride;
+    T* k = static_cast<T*>(a.k) + t * a.k_stride;
+    if (a.rotate) {
+      for (int64_t h = 0; h < a.num_heads; ++h) rotate(q + h * a.head_dim, half, a.neox_style, cos, sin);
+      for (int64_t h = 0; h < a.num_kv_heads; ++h) rotate(k + h * a.head_dim, half, a.neox_style, cos, sin);
+    }
+    int64_t slot = a.slot_mapping[t];
+    if (slot < 0) continue;  // a token whose K/V is not stored
+    std::memcpy(k_cache + slot * kv_row, k, kv_row * sizeof(T));
+    std::memcpy(v_cache + slot * kv_row, static_cast<const T*>(a.v) + t * a.v_stride, kv_row * sizeof(T));
+  }
+}
+
 }  // namespace
+
+void rope_and_store_kv(const RopeArgs& args) {
+  switch (args.dtype) {
+    case DType::f32: return rope_and_store_rows<float>(args);
+    case DType::f16: return rope_and_store_rows<fp16>(args);
+    case DType::bf16: return rope_and_store_rows<bf16>(args);
+  }
+}
 
 void rms_norm(const void* x, const void* residual, const void* weight, void* out, void* residual_out, int64_t rows,
               int64_t dim, int64_t x_stride, int64_t residual_stride, float eps, DType dtype) {
 #define BD_RMS(T)                                                                                             \
-  rms_norm_rows(static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(weight),      \
+  rms_norm_rows(static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const float*>(weight),      \
                 static_cast<T*>(out), static_cast<T*>(residual_out), rows, dim, x_stride, residual_stride, eps)
   switch (dtype) {
     case DType::f32: return BD_RMS(float);

@@ -124,6 +124,12 @@ inline void store_partial(T* p, vf v, int n) {
   std::memcpy(p, buf, n * sizeof(T));
 }
 
+// n elements from p: a full vector when n >= VL, else zero-padded
+template <typename T>
+inline vf load_n(const T* p, int64_t n) { return n >= VL ? load(p) : load_partial(p, int(n)); }
+template <typename T>
+inline void store_n(T* p, vf v, int64_t n) { n >= VL ? store(p, v) : store_partial(p, v, int(n)); }
+
 // exp(x), Cephes' single-precision polynomial (about 1 ulp); exactly 0 below -87.3 (exp(-inf) = 0 included)
 inline vf vexp(vf x) {
   const vf hi = vset1(88.0f);  // 2**n stays finite: n = round(88 * log2(e)) = 127
@@ -144,6 +150,31 @@ inline vf vexp(vf x) {
   y = vfma(y, r, vset1(5.0000001201e-1f));
   y = vfma(y, vmul(r, r), vadd(r, vset1(1.0f)));
   return select_lt(x, -87.3f, vzero(), vmul(y, vpow2i(n)));
+}
+
+// tanh(x), Cephes' single-precision tanhf: an odd polynomial below |x| = 0.625, 1 - 2 / (exp(2|x|) + 1) above
+inline vf vtanh(vf x) {
+#if defined(__AVX512F__)
+  vf ax = _mm512_abs_ps(x);
+  vf sign = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(int(0x80000000u))));
+#else
+  vf ax = _mm256_andnot_ps(vset1(-0.0f), x);
+  vf sign = _mm256_and_ps(x, vset1(-0.0f));
+#endif
+  vf big = vsub(vset1(1.0f), vdiv(vset1(2.0f), vadd(vexp(vadd(ax, ax)), vset1(1.0f))));
+  vf z = vmul(x, x);
+  vf p = vset1(-5.70498872745e-3f);
+  p = vfma(p, z, vset1(2.06390887954e-2f));
+  p = vfma(p, z, vset1(-5.37397155531e-2f));
+  p = vfma(p, z, vset1(1.33314422036e-1f));
+  p = vfma(p, z, vset1(-3.33332819422e-1f));
+  vf small = vfma(vmul(p, z), x, x);
+#if defined(__AVX512F__)
+  vf signed_big = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(big), _mm512_castps_si512(sign)));
+#else
+  vf signed_big = _mm256_or_ps(big, sign);
+#endif
+  return select_lt(ax, 0.625f, small, signed_big);
 }
 
 inline float exp_scalar(float x) {  // the vector exp in one lane: the same bits as a lane of vexp
