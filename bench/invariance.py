@@ -6,10 +6,14 @@ for each linear path (batchdecode's batch-invariant matmul, and the vendor BLAS 
 - the check: a few requests generated alone and then inside a larger batch, with logprobs; a request passes when
   its token ids and every logprob are bitwise equal;
 - the cost: tokens/s of one batched offline run, the two paths side by side in this one process.
+
+`--trace [options]` finds the next leak instead: one request run alone and another way (chunked, preempted,
+beside neighbours, after a prefix-cache hit), and the first op whose output bits differ (bench/trace.py).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 
@@ -71,7 +75,11 @@ def check_and_time(model, work: Sizes, vocab: int) -> dict:
     return {"equal": equal, "checked": work.checked, "tok_s": sum(len(o.token_ids) for o in outs) / seconds}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--trace" in argv:
+        from bench import trace
+        return trace.main([a for a in argv if a != "--trace"])
     parser = argparse.ArgumentParser(description="bitwise batch invariance and its cost")
     parser.add_argument("--budget", type=float, default=300, help="seconds; later dtypes are skipped past it")
     parser.add_argument("--model", help="checkpoint folder (default: SmolLM2-135M on CPU, Qwen2.5-0.5B shape on GPU)")

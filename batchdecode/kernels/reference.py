@@ -5,16 +5,24 @@ or in float64 when the inputs are float64, so the twin doubles as a float64 refe
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The CPU BLAS (MKL's sgemm) picks its kernel by M: below 8 rows a row's bits change with M (with 1 and 2
-# threads); from 8 rows on they were the same for every M up to 4500 on every shape measured (x86, torch 2.13).
-# Every call therefore gets at least MIN_ROWS rows. A BLAS that still varies fails the probe below and takes
-# fixed MIN_ROWS-row calls instead, which only ask that a row's position inside one call not matter.
+# The CPU BLAS (MKL's sgemm) picks its kernel by M: below 8 rows a row's bits change with M. From 8 rows on they
+# were the same for every M with one thread, but not with several: MKL splits the rows between threads, and a
+# piece of fewer than 4 rows takes the small-M kernel, so with 2 threads rows 8-10 of a 9-11 row call got other
+# bits than the same rows in any other call (issue 18: a prompt's last chunk of 9-11 tokens changed its logits).
+# Every call is therefore padded to a multiple of MIN_ROWS rows (measured: every multiple of 8 up to 520 rows,
+# 1-8 threads, gives each row the bits it gets alone, on every shape the models use). With 4+ threads and a K
+# whose rows are not 16-byte aligned (K=75), a row's bits also depended on its address; the probe below
+# therefore compares every position of a call with the row alone, per shape and thread count. A shape that
+# fails it runs its BLAS calls on one thread, and if it fails there too, row by row.
 MIN_ROWS = 8
-_PROBE_ROWS = (MIN_ROWS + 3, 4 * MIN_ROWS + 1, 21 * MIN_ROWS + 7)
+_PROBE_ROWS = (2 * MIN_ROWS, 3 * MIN_ROWS, 5 * MIN_ROWS, 9 * MIN_ROWS, 17 * MIN_ROWS)
 _row_invariant_blas: dict[tuple, bool] = {}
 
 
@@ -121,10 +129,10 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor, start: T
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [M, K] @ weight [N, K].T + bias -> [M, N], each row's bits independent of M and of the other rows.
 
-    float64 (the test oracle) is plain torch. Otherwise rows are padded to at least MIN_ROWS and given to the BLAS
-    in one call, or in MIN_ROWS-row calls where the probe found the BLAS's rows to depend on M.
+    float64 (the test oracle) is plain torch. Otherwise the rows are padded to a multiple of MIN_ROWS (zero rows
+    after the real ones) and given to the BLAS in one call, on one thread or row by row where the probe found a
+    row's bits to depend on the call: the BLAS never sees a call that gives a row other bits than it gets alone.
     """
-    m = x.shape[0]
     if x.dtype == torch.float64 or x.is_cuda:
         return F.linear(x, weight, bias)
     if x.dtype != torch.float32:
@@ -132,35 +140,59 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         # products torch's half-type GEMM is 3-10x slower than this (measured on AVX2), and it is sgemm's
         # M-invariance that the probe checks.
         return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-    if not _blas_is_row_invariant(weight, bias):
-        return _linear_in_fixed_calls(x, weight, bias)
-    if m >= MIN_ROWS:
-        return F.linear(x.contiguous(), weight, bias)
-    padded = x.new_zeros(MIN_ROWS, x.shape[1])
-    padded[:m] = x
-    return F.linear(padded, weight, bias)[:m]
-
-
-def _linear_in_fixed_calls(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     m = x.shape[0]
-    padded = x.new_zeros(-(-m // MIN_ROWS) * MIN_ROWS, x.shape[1])
+    if _blas_is_row_invariant(weight, bias):
+        return F.linear(_padded_rows(x), weight, bias)[:m]
+    with _one_thread():
+        if _blas_is_row_invariant(weight, bias):
+            return F.linear(_padded_rows(x), weight, bias)[:m]
+        return _linear_row_by_row(x, weight, bias)
+
+
+def _padded_rows(x: Tensor) -> Tensor:
+    """x [M, K] as a contiguous [M rounded up to a multiple of MIN_ROWS (at least MIN_ROWS), K]."""
+    m = x.shape[0]
+    rows = max(-(-m // MIN_ROWS), 1) * MIN_ROWS
+    if rows == m:
+        return x.contiguous()
+    padded = x.new_zeros(rows, x.shape[1])
     padded[:m] = x
-    out = x.new_empty(padded.shape[0], weight.shape[0])
-    for i in range(0, padded.shape[0], MIN_ROWS):
-        out[i:i + MIN_ROWS] = F.linear(padded[i:i + MIN_ROWS], weight, bias)
-    return out[:m]
+    return padded
+
+
+def _linear_row_by_row(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Each row as row 0 of its own MIN_ROWS-row call: the same call for every row, whatever the BLAS does."""
+    padded = x.new_zeros(MIN_ROWS, x.shape[1])
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    for i in range(x.shape[0]):
+        padded[0] = x[i]
+        out[i] = F.linear(padded, weight, bias)[0]
+    return out
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _blas_is_row_invariant(weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether the BLAS gives a row the same bits in calls of MIN_ROWS and of _PROBE_ROWS rows, for this weight's
-    shape, layout and dtype (probed once, on random rows)."""
+    """Whether the BLAS gives a row the bits it gets alone at every position of calls of MIN_ROWS and _PROBE_ROWS
+    rows, for this weight's shape, layout and dtype and the current thread count (probed once, on random rows)."""
     key = (tuple(weight.shape), weight.stride(), weight.dtype, bias is None, torch.get_num_threads())
     if key not in _row_invariant_blas:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(max(_PROBE_ROWS), weight.shape[1], generator=gen).to(weight.dtype)
-        base = torch.cat([F.linear(x[i:i + MIN_ROWS], weight, bias) for i in range(0, len(x) - MIN_ROWS + 1, MIN_ROWS)])
-        _row_invariant_blas[key] = all(torch.equal(F.linear(x[:rows], weight, bias)[:len(base)][:rows - rows % MIN_ROWS],
-                                                   base[:rows - rows % MIN_ROWS]) for rows in _PROBE_ROWS)
+        # every position of a MIN_ROWS-row call (and past it), and each probe call's last row
+        checked = sorted(set(range(MIN_ROWS + 4)) | {rows - 1 for rows in _PROBE_ROWS})
+        alone = dict(zip(checked, _linear_row_by_row(x[checked], weight, bias)))
+        _row_invariant_blas[key] = all(
+            torch.equal(F.linear(x[:rows], weight, bias)[i], alone[i])
+            for rows in (MIN_ROWS, *_PROBE_ROWS) for i in checked if i < rows)
     return _row_invariant_blas[key]
 
 

@@ -57,12 +57,40 @@ def test_rows_are_bitwise_independent_of_m(backend, dtype, n, k, layout, has_bia
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_twin_fixed_calls_are_row_invariant(dtype):
-    """The twin's fallback for a BLAS that fails the probe: MIN_ROWS-row calls, rows bitwise independent of M."""
+def test_twin_row_by_row_fallback_is_row_invariant(dtype):
+    """The twin's last resort for a BLAS that fails the probe on one thread too: each row alone in its own call."""
     weight, x = torch.randn(48, 40).to(dtype), torch.randn(40, 40).to(dtype)
-    alone = torch.cat([reference._linear_in_fixed_calls(x[i:i + 1], weight, None) for i in range(len(x))])
+
+    def row_by_row(rows: Tensor) -> Tensor:
+        return reference._linear_row_by_row(rows.float(), weight.float(), None).to(dtype)
+
+    alone = torch.cat([row_by_row(x[i:i + 1]) for i in range(len(x))])
     for m in (1, 3, 16, 17, 40):
-        assert torch.equal(reference._linear_in_fixed_calls(x[:m], weight, None), alone[:m])
+        assert torch.equal(row_by_row(x[:m]), alone[:m])
+
+
+@pytest.fixture
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [2, 4], indirect=True)
+@pytest.mark.parametrize("n,k,has_bias", [(256, 128, False), (100, 75, True)])
+def test_twin_rows_do_not_depend_on_m_with_several_threads(threads, n, k, has_bias):
+    """Issue 18: with 2 threads MKL gave rows 8-10 of a 9-11 row call other bits (the threads split the rows, and
+    a piece under 4 rows takes the small-M kernel); with 4 threads and K=75 (rows not 16-byte aligned) a row's
+    bits depended on its position in the call. Every M from 1 to 40, every row."""
+    weight, x = torch.randn(n, k) / k**0.5, torch.randn(40, k)
+    bias = torch.randn(n) if has_bias else None
+    with kernels.backend("torch"):
+        alone = torch.cat([kernels.linear(x[i:i + 1], weight, bias) for i in range(len(x))])
+        for m in range(1, len(x) + 1):
+            rows = kernels.linear(x[:m], weight, bias)
+            differ = (rows != alone[:m]).any(1).nonzero().flatten().tolist()
+            assert not differ, f"{threads} threads, M={m}: rows {differ} differ from the same rows computed alone"
 
 
 @pytest.mark.parametrize("what,args,message", [
