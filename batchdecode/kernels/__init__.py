@@ -33,15 +33,19 @@ _backend = "auto"
 
 @contextmanager
 def backend(name: str) -> Iterator[None]:
-    """Run the kernels on one backend inside the block: "torch" (the twins, on any device), "native" (the C++
-    kernels for CPU tensors), "triton" (CUDA tensors, or any tensor under TRITON_INTERPRET=1), or "auto" (CUDA ->
-    Triton, CPU -> native kernels where they build, else the twins, unless TRITON_INTERPRET=1 sends CPU tensors
-    to the interpreter)."""
+    """Run the kernels on one backend inside the block: "torch" (the twins, on any device), "triton" (CUDA
+    tensors, or any tensor under TRITON_INTERPRET=1), "native" (the C++ CPU kernels for CPU tensors), or "auto"
+    (CUDA -> Triton, CPU -> native, unless TRITON_INTERPRET=1 sends CPU tensors to the interpreter)."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "triton" and not HAVE_TRITON:
         raise ValueError("backend('triton'): triton is not installed on this platform")
+    if name == "native":
+        try:
+            cpu_native.extension()
+        except RuntimeError as e:
+            raise ValueError(f"backend('native'): {e}") from None
     previous, _backend = _backend, name
     try:
         yield
