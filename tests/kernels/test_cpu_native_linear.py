@@ -1,0 +1,69 @@
+"""The native CPU linear (batchdecode/kernels/cpu/linear.cpp) against float64, on every ISA build this CPU runs.
+
+Each output element accumulates K in one fixed order whatever M is, so every row of every M equals the row
+computed alone, to the bit. Outputs start as NaN (nan_outputs), so an element never written shows.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from error_bounds import assert_within_bound
+
+from batchdecode import kernels
+from batchdecode.kernels import cpu_native
+
+ISAS = cpu_native.supported_isas()
+pytestmark = pytest.mark.skipif(not ISAS or not cpu_native.available(), reason="no native CPU build on this machine")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ROW_COUNTS = (1, 2, 5, 8, 17, 64, 129)
+
+
+def weights(n: int, k: int, dtype: torch.dtype, bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = (torch.randn(n, k) / k**0.5).to(dtype)
+    return w, torch.randn(n).to(dtype) if bias else None
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, k, bias", [(200, 576, True), (77, 33, False), (5, 1536, True)])
+def test_linear_within_bound_of_float64(isa, dtype, n, k, bias, nan_outputs):
+    x = torch.randn(37, k).to(dtype)
+    w, b = weights(n, k, dtype, bias)
+    out = cpu_native.linear(x, w, b, isa=isa)
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    # torch's own computation in the dtype (fp32 math for halves, rounded once, as the GPU kernel does)
+    in_dtype = F.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
+    assert_within_bound(out, exact, in_dtype, f"linear {isa} {dtype} {n}x{k}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_row_equals_the_row_alone(isa, dtype):
+    w, b = weights(96, 200, dtype)
+    x = torch.randn(max(ROW_COUNTS), 200).to(dtype)
+    alone = torch.cat([cpu_native.linear(x[i:i + 1], w, b, isa=isa) for i in range(len(x))])
+    for m in ROW_COUNTS:
+        assert torch.equal(cpu_native.linear(x[:m], w, b, isa=isa), alone[:m]), f"M={m}"
+    # a row in the middle of a call of other rows
+    mixed = torch.cat([torch.randn(5, 200).to(dtype), x[40:41], torch.randn(11, 200).to(dtype)])
+    assert torch.equal(cpu_native.linear(mixed, w, b, isa=isa)[5], alone[40])
+
+
+def test_a_conv1d_layout_weight_and_in_place_updates():
+    """GPT-2's Conv1D passes weight.t() (a view): packed from its own strides; an in-place update repacks."""
+    conv_weight = torch.randn(64, 48)  # [in, out]
+    x = torch.randn(9, 64)
+    assert torch.equal(cpu_native.linear(x, conv_weight.t()), cpu_native.linear(x, conv_weight.t().contiguous()))
+    before = cpu_native.linear(x, conv_weight.t())
+    conv_weight.mul_(2)
+    assert torch.equal(cpu_native.linear(x, conv_weight.t()), 2 * before)
+
+
+def test_dispatch_takes_the_native_kernel_after_the_checks():
+    w, b = weights(16, 32, torch.float32)
+    x = torch.randn(3, 32)
+    with kernels.backend("native"):
+        assert torch.equal(kernels.linear(x, w, b), cpu_native.linear(x, w, b))
+        with pytest.raises(ValueError, match="linear: x must be"):
+            kernels.linear(torch.randn(3, 31), w, b)
