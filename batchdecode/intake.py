@@ -35,6 +35,9 @@ class RequestError(ValueError):
         names = ", ".join(map(str, self.indices))
         super().__init__(f"prompt{'s' * (len(self.indices) > 1)} {names}: {reason}")
 
+    def __reduce__(self):   # pickled (Ray, multiprocessing) with its fields, not just its message
+        return type(self), (self.indices, self.reason)
+
 
 @dataclass(slots=True, frozen=True)
 class Limits:

@@ -1,6 +1,8 @@
 """The one request intake (batchdecode/intake.py) as LLM uses it: chat messages rendered as the CLI renders them,
 over-long text refused before the tokenizer sees it, refusals that carry the request indices, no folder code run
 unless asked, and the page count of a request."""
+import pickle
+
 import pytest
 from tiny_models import add_tokenizer_code, save_tiny_checkpoint, tiny_model, tiny_tokenizer
 from transformers import PreTrainedTokenizerFast
@@ -49,6 +51,8 @@ def test_a_refusal_carries_the_indices_and_the_reason(llm):
     assert isinstance(error, ValueError) and error.indices == (1,) and "context of 64" in error.reason
     assert str(error) == f"prompt 1: {error.reason}"
     assert str(RequestError([0, 3], "why")) == "prompts 0, 3: why"
+    copy = pickle.loads(pickle.dumps(error))                 # as Ray or multiprocessing carry it
+    assert (copy.indices, copy.reason, str(copy)) == (error.indices, error.reason, str(error))
 
 
 def test_a_folders_own_tokenizer_code_runs_only_when_asked(tmp_path):
