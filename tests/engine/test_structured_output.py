@@ -30,7 +30,7 @@ def model():
 
 
 def engine(**settings) -> LLM:
-    return LLM(model(), tokenizer=tiny_tokenizer(), num_kv_blocks=64, **settings)
+    return LLM(model(), tokenizer=tiny_tokenizer(), **{"num_kv_blocks": 64, **settings})
 
 
 def generate(llm: LLM, spec, temperature: float, **options) -> list:
@@ -100,3 +100,18 @@ def test_specs_the_engine_refuses_name_the_request(spec, message):
 def test_bad_specs_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**options)
+
+
+def test_a_structured_request_preempted_and_recomputed_is_bitwise_the_same():
+    target = SamplingParams(temperature=0.9, seed=5, max_tokens=24, logprobs=1, repetition_penalty=1.2,
+                            structured_outputs={"regex": "[a-z ]{20,24}"})
+    prompt = [17, 42, 42, 99, 17, 250, 3, 42]
+    alone = engine().generate([prompt], target, use_tqdm=False)[0]
+    llm = engine(num_kv_blocks=12, block_size=4, enable_prefix_caching=False)
+    preempted, preempt = [], llm.scheduler.preempt
+    llm.scheduler.preempt = lambda seq: preempted.append(seq.index) or preempt(seq)
+    growing = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    outs = llm.generate([[7, 8, 9]] * 3 + [prompt], [growing] * 3 + [target], use_tqdm=False)
+    assert 3 in preempted
+    assert outs[3].token_ids == alone.token_ids and re.fullmatch("[a-z ]{20,24}", outs[3].text)
+    assert [lp.logprob for lp in outs[3].logprobs] == [lp.logprob for lp in alone.logprobs]
