@@ -37,7 +37,7 @@ class PromptLine:
         """The request as the intake takes it; with `chat`, a plain prompt becomes one user message."""
         if self.prompt_token_ids is not None:
             return {"prompt_token_ids": self.prompt_token_ids}
-        if self.messages is not None or chat:
+        if self.messages is not None or (chat and self.api is None):   # an OpenAI url says chat or not itself
             return {"messages": self.messages or [{"role": "user", "content": self.prompt}]}
         return {"prompt": self.prompt}
 

@@ -78,6 +78,12 @@ def test_response_format_json_schema_in_a_chat_body(checkpoint, tmp_path):
     assert json.loads(content)["color"] in ("red", "green")
 
 
+def test_chat_flag_leaves_completions_lines_plain(checkpoint, tmp_path):
+    assert run(checkpoint, tmp_path, LINES[1:2], "plain.jsonl") == 0
+    assert run(checkpoint, tmp_path, LINES[1:2], "chat.jsonl", "--chat") == 0
+    assert (tmp_path / "plain.jsonl").read_bytes() == (tmp_path / "chat.jsonl").read_bytes()
+
+
 def test_ctrl_c_then_rerun_equals_an_uninterrupted_run(checkpoint, tmp_path, monkeypatch):
     rows = [dict(LINES[2], custom_id=f"r{i}", body=dict(LINES[2]["body"], max_tokens=3 + i % 3)) for i in range(6)]
     assert run(checkpoint, tmp_path, rows, "reference.jsonl") == 0
