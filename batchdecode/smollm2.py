@@ -81,8 +81,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
     _say(progress, f"batchdecode: converting {gguf_path.name} to safetensors...")
     folder, name = gguf_path.parent, gguf_path.name
     with transformers_progress(progress):
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                          trust_remote_code=False)
 
     # save_pretrained refuses a GGUF-marked model: rebuild a plain one from the config and copy the weights.
     config = gguf_model.config
