@@ -2,9 +2,10 @@
 
     batchdecode score --model smollm2-135m --input texts.jsonl --output scores.jsonl [--top-logprobs N]
 
-A line holds "prompt" (text, encoded with the tokenizer's special tokens) or "prompt_token_ids", an optional
-"continuation" (text, encoded without special tokens and appended: lm-eval's loglikelihood request) and an
-optional "id" (default: the line number). The scores come from SamplingParams.prompt_logprobs, so a token's
+A line holds "prompt" (text, encoded with the tokenizer's special tokens), "prompt_token_ids" or "messages" (a chat,
+rendered with the chat template and its generation prompt, as generate renders it), an optional "continuation"
+(text, encoded without special tokens and appended: lm-eval's loglikelihood request, or an assistant reply after
+a chat) and an optional "id" (default: the line number). The scores come from SamplingParams.prompt_logprobs, so a token's
 logprob is bitwise the one generating it gave. Output, one line per input in input order, resumable like
 `generate`'s (the same journal): id, token_ids, tokens (each token's text), logprobs (null for the first token),
 ranks, top_logprobs (with --top-logprobs N: [[token_id, logprob], ...] per token), and with a continuation
@@ -24,14 +25,15 @@ from .intake import RequestError
 from .prompt_file import InputError
 from .results_file import Manifest, ResultsFile
 
-_FIELDS = {"id", "prompt", "prompt_token_ids", "continuation"}
+_FIELDS = {"id", "prompt", "prompt_token_ids", "messages", "continuation"}
+_PROMPTS = ("prompt", "prompt_token_ids", "messages")
 
 
 @dataclass(slots=True)
 class ScoreLine:
     line: int
     id: str | int
-    prompt: str | list[int]
+    prompt: dict   # {"prompt": text} | {"prompt_token_ids": ids} | {"messages": chat}, as LLM takes prompts
     continuation: str | None = None
 
 
@@ -62,8 +64,8 @@ def score(args: argparse.Namespace) -> int:
 
     folder = resolve_model(args.model, progress=not args.no_progress)
     tokenizer = load_tokenizer(folder)
-    tokenized = [_tokenize(line, tokenizer) for line in lines]
-    _check_lengths(folder, lines, tokenized)   # before the weights load, as generate checks its input
+    limits = _limits(folder)
+    tokenized = [_tokenize(index, line, tokenizer, limits) for index, line in enumerate(lines)]   # and checked,
     results = ResultsFile(args.output, [line.id for line in lines], _manifest(args, folder, input_sha256),
                           overwrite=args.overwrite)
     try:
@@ -106,50 +108,55 @@ def _parse(text: str, number: int) -> ScoreLine:
     if unknown:
         raise InputError(f"line {number}: unknown field(s) {', '.join(unknown)}; a score line takes "
                          f"{', '.join(sorted(_FIELDS))}")
-    if ("prompt" in row) == ("prompt_token_ids" in row):
-        raise InputError(f"line {number}: needs exactly one of prompt, prompt_token_ids")
-    prompt = row.get("prompt", row.get("prompt_token_ids"))
-    ok = isinstance(prompt, str) if "prompt" in row else (
-        isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))
+    given = [key for key in _PROMPTS if key in row]
+    if len(given) != 1:
+        raise InputError(f"line {number}: needs exactly one of {', '.join(_PROMPTS)}")
+    prompt = row[given[0]]
+    ok = {"prompt": lambda: isinstance(prompt, str),
+          "prompt_token_ids": lambda: isinstance(prompt, list) and all(
+              isinstance(t, int) and not isinstance(t, bool) for t in prompt),
+          "messages": lambda: isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt)}[given[0]]()
     if not ok or not prompt:
-        raise InputError(f"line {number}: prompt must be a non-empty string, prompt_token_ids a non-empty list of ints")
+        raise InputError(f"line {number}: prompt must be a non-empty string, prompt_token_ids a non-empty list of "
+                         "ints, messages a non-empty list of chat messages")
     continuation = row.get("continuation")
     if continuation is not None and not (isinstance(continuation, str) and continuation):
         raise InputError(f"line {number}: continuation must be a non-empty string")
     request_id = row.get("id", number)
     if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
         raise InputError(f"line {number}: id must be a string or an int")
-    return ScoreLine(number, request_id, prompt, continuation)
+    return ScoreLine(number, request_id, {given[0]: prompt}, continuation)
 
 
-def _tokenize(line: ScoreLine, tokenizer) -> tuple[list[int], int | None]:
-    """The text's token ids, and where its continuation starts (None without one)."""
-    ids = tokenizer.encode(line.prompt) if isinstance(line.prompt, str) else list(line.prompt)
-    start = None
-    if line.continuation is not None:
-        start = len(ids)
-        ids += tokenizer.encode(line.continuation, add_special_tokens=False)
-    if len(ids) < 2 or start == 0:
-        raise InputError(f"line {line.line}: scoring needs at least 2 tokens and a prompt before the continuation "
-                         "(the first token has no logprob)")
-    return ids, start
-
-
-def _check_lengths(folder: Path, lines: list[ScoreLine], tokenized: list[tuple[list[int], int | None]]) -> None:
+def _limits(folder: Path):
     from transformers import AutoConfig
 
-    from .intake import Limits, RequestError, check
+    from .intake import Limits
     from .models.limits import context_limit
-    from .sampling_params import SamplingParams
 
     config = AutoConfig.from_pretrained(folder)
-    limits = Limits(config.vocab_size, context_limit(config), EngineConfig().block_size)
-    params = SamplingParams(max_tokens=1)
-    for index, (line, (ids, _)) in enumerate(zip(lines, tokenized)):
-        try:
-            check(index, ids, params, limits)
-        except RequestError as e:
-            raise InputError(f"line {line.line}: {e.reason}") from None
+    return Limits(config.vocab_size, context_limit(config), EngineConfig().block_size)
+
+
+def _tokenize(index: int, line: ScoreLine, tokenizer, limits) -> tuple[list[int], int | None]:
+    """The text's token ids (a chat rendered with its template, as generate renders it), where its continuation
+    starts (None without one); checked against the model before the weights load, as generate's input is."""
+    from .intake import RequestError, check, render
+    from .sampling_params import SamplingParams
+
+    try:
+        _, ids = render(index, line.prompt, tokenizer, limits.max_model_len)
+        start = None
+        if line.continuation is not None:
+            start = len(ids)
+            ids = ids + tokenizer.encode(line.continuation, add_special_tokens=False)
+        if len(ids) < 2 or start == 0:
+            raise InputError(f"line {line.line}: scoring needs at least 2 tokens and a prompt before the "
+                             "continuation (the first token has no logprob)")
+        check(index, ids, SamplingParams(max_tokens=1), limits)
+    except RequestError as e:
+        raise InputError(f"line {line.line}: {e.reason}") from None
+    return ids, start
 
 
 def _manifest(args: argparse.Namespace, folder: Path, input_sha256: str) -> Manifest:

@@ -29,11 +29,13 @@ def test_scores_equal_the_logprobs_generate_wrote(checkpoint, tmp_path):
 
 
 def test_continuation_sum_and_greediness(checkpoint, tmp_path):
-    rows = [{"prompt": "The capital of France is", "continuation": " Paris"}, {"prompt": "1 2 3", "continuation": " 4"}]
+    rows = [{"prompt": "The capital of France is", "continuation": " Paris"}, {"prompt": "1 2 3", "continuation": " 4"},
+            {"messages": [{"role": "user", "content": "Capital of France?"}], "continuation": "Paris."}]
     write_jsonl(tmp_path / "in.jsonl", rows)
     assert score(checkpoint, tmp_path / "in.jsonl", tmp_path / "out.jsonl") == 0
     records = read_jsonl(tmp_path / "out.jsonl")
-    assert [r["id"] for r in records] == [1, 2]
+    assert [r["id"] for r in records] == [1, 2, 3]
+    assert "".join(records[2]["tokens"]).startswith("<|im_start|>user\nCapital of France?")   # the chat template
     for record in records:
         start = record["continuation_start"]
         assert 0 < start < len(record["token_ids"])
