@@ -2,10 +2,13 @@
 
     batchdecode generate --model smollm2-135m --input examples/prompts.jsonl --output out.jsonl
 
-Steps: check options, the whole input file and the output path (no model yet) -> find the model folder and check
-its config (dtype, head dim) -> lock the output and read what is already done (results_file.py) -> load the tokenizer and check every prompt's length -> load the
-weights -> generate, journaling each result the moment it finishes and appending it to the output in input
+Steps: check options, the whole input file (read once) and the output path (no model yet) -> find the model
+folder and check its config (dtype, head dim) -> lock the output and read what is already done (results_file.py;
+the journal names the input's digest, the weights' fingerprint and the options) -> load the tokenizer and render
+and check every prompt (intake.py, via prompt_tokens.py) -> load the weights (their headers checked against the
+config first) -> generate, journaling each result the moment it finishes and appending it to the output in input
 order. Rerunning the same command skips the results already done. `--output -` streams to stdout, no resume.
+Ctrl-C anywhere, imports included, is one line and exit 130.
 """
 from __future__ import annotations
 
