@@ -25,7 +25,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-KERNEL_MODULES = ("triton_attention", "triton_matmul", "triton_rope_kv", "triton_rms_norm", "triton_activation")
+KERNEL_MODULES = ("triton_attention", "triton_matmul", "triton_moe", "triton_rope_kv", "triton_rms_norm",
+                  "triton_activation")
 
 # SASS opcodes worth counting, by prefix; loads and stores are counted per width variant.
 MEMORY_OPS = ("LDG", "STG", "LDGSTS", "UTMALDG", "UTMASTG")

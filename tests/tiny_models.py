@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig,
-                          Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen3Config, SmolLM3Config)
+                          MixtralConfig, OlmoeConfig, Phi3Config, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, Qwen3MoeConfig, SmolLM3Config)
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gemma2", "gemma3", "phi3", "smollm3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gemma2", "gemma3", "phi3", "smollm3", "qwen3_moe",
+                 "olmoe", "mixtral")
 # Architectures added for issue 20, kept smaller still (head dim 16), with a sliding window of 8 tokens on their
 # local layers so that short tests run past it.
 WINDOW = 8
@@ -82,6 +83,13 @@ def tiny_config(arch: str) -> PretrainedConfig:
                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})
     if arch == "smollm3":  # layer 1 has no rope (NoPE)
         return SmolLM3Config(**small, no_rope_layers=[1, 0], no_rope_layer_interval=2)
+    experts = dict(num_experts_per_tok=2, num_experts=4)  # mixtures of experts: 4 experts, 2 per token
+    if arch == "qwen3_moe":  # layer 0 sparse, layer 1 dense (mlp_only_layers); renormalised top-k
+        return Qwen3MoeConfig(**small, **experts, moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1])
+    if arch == "olmoe":  # q/k norms over all heads; top-k weights as the softmax gives them
+        return OlmoeConfig(**small, **experts, norm_topk_prob=False)
+    if arch == "mixtral":
+        return MixtralConfig(**small, num_experts_per_tok=2, num_local_experts=4, sliding_window=None)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose from {ARCHITECTURES}")
 
 

@@ -22,9 +22,10 @@ try:
 except ImportError:  # no triton on this platform (it ships for Linux only): the twins serve every call
     HAVE_TRITON = False
 if HAVE_TRITON:  # outside the try, so that a broken kernel module fails loudly instead of falling back
-    from . import triton_activation, triton_attention, triton_matmul, triton_rms_norm, triton_rope_kv
+    from . import triton_activation, triton_attention, triton_matmul, triton_moe, triton_rms_norm, triton_rope_kv
 
-__all__ = ["linear", "paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul", "reference",
+__all__ = ["linear", "grouped_linear", "paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul",
+           "reference",
            "backend", "batch_invariant", "use_triton"]
 
 BACKENDS = ("auto", "triton", "native", "torch")
@@ -94,6 +95,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
     impl = triton_matmul.linear if use_triton(x) else _cpu(x).linear
     return impl(x, weight, bias)
+
+
+def grouped_linear(x: Tensor, weight: Tensor, rows: Tensor, group_offsets: Tensor) -> Tensor:
+    """Mixture-of-experts matmul: out[p] = x[rows[p]] @ weight[g].T for group g's rows (group_offsets[g] ..
+    group_offsets[g+1] - 1); each row's bits independent of how many rows its group holds. See reference."""
+    checks.check_grouped_linear(x, weight, rows, group_offsets)
+    impl = triton_moe.grouped_linear if use_triton(x) else reference.grouped_linear
+    return impl(x, weight, rows, group_offsets)
 
 
 def paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, *, kv_start=None, scale=None, window=None,

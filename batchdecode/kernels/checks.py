@@ -65,3 +65,16 @@ def check_triton_head_dim(head_dim: int) -> None:
     if head_dim > MAX_TRITON_HEAD_DIM:
         raise ValueError(f"paged_attention: the Triton kernel serves head dims up to {MAX_TRITON_HEAD_DIM}; "
                          f"got {head_dim}")
+
+
+def check_grouped_linear(x: Tensor, weight: Tensor, rows: Tensor, group_offsets: Tensor) -> None:
+    if x.dim() != 2 or weight.dim() != 3 or x.shape[1] != weight.shape[2]:
+        raise ValueError(f"grouped_linear: x must be [T, K] and weight [groups, N, K]; got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if x.dtype not in DTYPES + (torch.float64,) or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"grouped_linear: x and weight must share one dtype and device; got {x.dtype} on "
+                         f"{x.device}, {weight.dtype} on {weight.device}")
+    for name, t, length in (("rows", rows, None), ("group_offsets", group_offsets, weight.shape[0] + 1)):
+        if t.dtype != torch.int32 or t.dim() != 1 or (length is not None and t.shape[0] != length) or t.device != x.device:
+            raise ValueError(f"grouped_linear: {name} must be int32 with 1 dim" + (f" and {length} entries" if length else "")
+                             + f" on {x.device}; got {t.dtype} {tuple(t.shape)} on {t.device}")

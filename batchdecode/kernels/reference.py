@@ -196,6 +196,21 @@ def _blas_is_row_invariant(weight: Tensor, bias: Tensor | None) -> bool:
     return _row_invariant_blas[key]
 
 
+def grouped_linear(x: Tensor, weight: Tensor, rows: Tensor, group_offsets: Tensor) -> Tensor:
+    """Mixture-of-experts matmul: out[p] = x[rows[p]] @ weight[g].T for group g's rows p, group_offsets[g] ..
+    group_offsets[g+1] - 1 (x [T, K], weight [G, N, K], rows int32 [P], group_offsets int32 [G + 1]) -> [P, N].
+
+    Each group is one call of the row-invariant `linear`, so a row's bits do not depend on how many rows share
+    its group (how many tokens picked the same expert) nor on where it sits among them.
+    """
+    out = x.new_empty(rows.shape[0], weight.shape[1])
+    bounds = group_offsets.tolist()
+    for g, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        if hi > lo:
+            out[lo:hi] = linear(x.index_select(0, rows[lo:hi].long()), weight[g])
+    return out
+
+
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, neox_style: bool) -> Tensor:
     """Rotate the first rotary_dim features of x [T, heads, D] by per-token cos/sin [T, rotary_dim/2]."""
     rotary_dim = 2 * cos.shape[-1]

@@ -23,6 +23,9 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Gemma3ForCausalLM": Gemma,
     "Phi3ForCausalLM": Llama,
     "SmolLM3ForCausalLM": Llama,
+    "Qwen3MoeForCausalLM": Llama,
+    "OlmoeForCausalLM": Llama,
+    "MixtralForCausalLM": Llama,
     "GPT2LMHeadModel": GPT2,
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODEL_CLASSES)

@@ -2,7 +2,8 @@
 
 One module covers them because they differ only in switches the HF modules already carry: q/k/v (and o) biases
 (Qwen2, Llama's attention_bias), MLP biases (mlp_bias), per-head q/k RMSNorm before rope (Qwen3), tied
-embeddings, fused qkv and gate_up weights (Phi-3), layers without rope (SmolLM3's NoPE layers), sliding windows
+embeddings, fused qkv and gate_up weights (Phi-3), layers without rope (SmolLM3's NoPE layers), sparse
+mixture-of-experts MLPs (Qwen3-MoE, OLMoE, Mixtral: moe.py), sliding windows
 (Mistral, Phi-3, Qwen2/SmolLM3's sliding layers), and the rope scaling and partial rotary inside the rotary module. The HF model's own submodules and Parameters are used
 in place, never copied; the attention, rope, KV-cache writes, norms and activation run in batchdecode.kernels.
 """
@@ -17,6 +18,7 @@ from batchdecode.batch import ForwardBatch
 
 from .layers import KVCache, kv_window, linear
 from .limits import context_limit
+from .moe import SparseMoe
 from .rotary import build_cos_sin_cache
 
 
@@ -28,13 +30,14 @@ class LlamaAttention(nn.Module):
             self.q_proj, self.k_proj, self.v_proj = hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj
         self.o_proj = hf_attn.o_proj
         self.rotates = bool(getattr(hf_attn, "use_rope", True))  # SmolLM3's NoPE layers store k as it is
-        self.q_norm = getattr(hf_attn, "q_norm", None)  # Qwen3
+        self.q_norm = getattr(hf_attn, "q_norm", None)  # Qwen3 (per head), OLMoE (over all heads)
         self.k_norm = getattr(hf_attn, "k_norm", None)
         self.head_dim = hf_attn.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.scaling = hf_attn.scaling
         self.window = sliding_window(hf_attn, config)
+        self.clip_qkv = getattr(config, "clip_qkv", None)  # OLMoE
 
     def forward(self, x: Tensor, batch: ForwardBatch, kv_cache: KVCache, cos_sin: Tensor) -> Tensor:
         num_tokens = x.shape[0]
@@ -43,8 +46,10 @@ class LlamaAttention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q = _head_rms_norm(q, self.q_norm)
-            k = _head_rms_norm(k, self.k_norm)
+            q = _qk_rms_norm(q, self.q_norm)
+            k = _qk_rms_norm(k, self.k_norm)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         k_cache, v_cache = kv_cache
         if self.rotates:
             kernels.rope_and_store_kv(q, k, v, batch.positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
@@ -81,7 +86,7 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, hf_layer: nn.Module, config: PretrainedConfig):
         super().__init__()
         self.self_attn = LlamaAttention(hf_layer.self_attn, config)
-        self.mlp = LlamaMLP(hf_layer.mlp)
+        self.mlp = SparseMoe(hf_layer.mlp) if hasattr(hf_layer.mlp, "experts") else LlamaMLP(hf_layer.mlp)
         self.input_layernorm = hf_layer.input_layernorm
         self.post_attention_layernorm = hf_layer.post_attention_layernorm
 
@@ -95,8 +100,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM and
-    SmolLM3ForCausalLM on paged KV caches.
+    """LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, SmolLM3ForCausalLM
+    and the mixtures of experts Qwen3MoeForCausalLM, OlmoeForCausalLM and MixtralForCausalLM on paged KV caches.
 
     `max_position` is max_position_embeddings, capped at original_max_position_embeddings for longrope (see
     limits.py). Sliding windows run in the attention kernel, to any length.
@@ -139,16 +144,17 @@ def sliding_window(hf_attn: nn.Module, config: PretrainedConfig) -> int | None:
     config sets it for all."""
     if hasattr(hf_attn, "sliding_window"):
         return hf_attn.sliding_window or None
-    return getattr(config, "sliding_window", None) if config.model_type in ("mistral", "phi3") else None
+    return getattr(config, "sliding_window", None) if config.model_type in ("mistral", "mixtral", "phi3") else None
 
 
 def _rms_norm(x: Tensor, norm: nn.Module, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return kernels.rms_norm(x, norm.weight, norm.variance_epsilon, residual)
 
 
-def _head_rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
-    """RMSNorm over each head's features of x [T, heads, D] (Qwen3's q_norm / k_norm)."""
-    out, _ = kernels.rms_norm(x.reshape(-1, x.shape[-1]), norm.weight, norm.variance_epsilon)
+def _qk_rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
+    """RMSNorm of x [T, heads, D] over each head's features (Qwen3's q_norm / k_norm) or over all heads' (OLMoE's),
+    as wide as the norm's weight."""
+    out, _ = kernels.rms_norm(x.reshape(-1, norm.weight.shape[0]), norm.weight, norm.variance_epsilon)
     return out.view(x.shape)
 
 

@@ -44,6 +44,10 @@ VARIANTS = {
     "smollm3": ("smollm3", {}),  # a NoPE layer
     "smollm3-sliding": ("smollm3", {"use_sliding_window": True, "sliding_window": 8,
                                     "layer_types": ["sliding_attention", "full_attention"]}),
+    "qwen3_moe": ("qwen3_moe", {}),  # per-token top-2 of 4 experts, renormalised; a dense layer
+    "olmoe": ("olmoe", {}),
+    "olmoe-clip-qkv": ("olmoe", {"clip_qkv": 0.5}),
+    "mixtral": ("mixtral", {}),
 }
 
 
