@@ -127,8 +127,9 @@ def test_a_model_folders_code_never_runs_unasked(remote_code_checkpoint, tmp_pat
     with pytest.raises(RemoteCodeError, match="trust_remote_code=True"):
         load_tokenizer(model)
     assert not marker.exists()
-    assert isinstance(load_tokenizer(model, trust_remote_code=True), PreTrainedTokenizerFast)   # when asked
-    assert marker.exists()
+    assert generate(model, tmp_path / "in.txt", tmp_path / "out.jsonl", "--trust-remote-code") == 0   # when asked
+    assert marker.exists() and len(read_jsonl(tmp_path / "out.jsonl")) == 1
+    assert isinstance(load_tokenizer(model, trust_remote_code=True), PreTrainedTokenizerFast)
 
 
 # 7: an over-long line is refused before the tokenizer sees it
