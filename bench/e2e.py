@@ -613,7 +613,69 @@ def batchdecode_side(path: str, dtype: str, work: Workload, repeats: int, indice
     side.detail["threads"] = torch.get_num_threads()
     del llm
     free_memory()
+    side.detail["linear"] = linear_ceilings(json.loads((Path(path) / "config.json").read_text()), getattr(torch, dtype))
     return side
+
+
+def linear_ceilings(config: dict, dtype: torch.dtype) -> dict | None:
+    """The linear layers against the machine's ceilings, all measured here and now (the same run, threads and
+    load as the generation timings): the fp32 FMA peak (the native probe: independent fma chains on every
+    thread) and the read bandwidth (a sum over 512 MB); the model's projections on the native kernels at M = 1
+    over every layer's own weights (streamed from memory, as a decode step does) in GB/s, and at M = 64 and 256
+    in GFLOP/s. None where the native kernels do not run."""
+    from batchdecode import kernels
+    from batchdecode.kernels import cpu_native
+    if not cpu_native.supported_isas() or not cpu_native.available():
+        return None
+    threads, ext = torch.get_num_threads(), cpu_native.extension()
+    iterations = 5_000_000
+    peak = max(threads * iterations * ext.fma_peak_flops_per_iteration() / timed(lambda: ext.fma_peak(iterations, threads))[1]
+               for _ in range(3))
+    block = torch.ones(128 * 1024 * 1024)
+    bandwidth = max(block.numel() * 4 / timed(block.sum)[1] for _ in range(3))
+    del block
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim") or hidden // heads
+    shapes = [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (kv_heads * head_dim, hidden),
+              (hidden, heads * head_dim), (inter, hidden), (inter, hidden), (hidden, inter)]
+    gen = torch.Generator().manual_seed(0)
+    layers = [[(torch.randn(n, k, generator=gen) * 0.02).to(dtype) for n, k in shapes]
+              for _ in range(config["num_hidden_layers"])]
+    weight_bytes = sum(w.numel() * w.element_size() for layer in layers for w in layer)
+
+    def pass_over(weights, rows: int) -> float:
+        x = torch.randn(rows, max(k for _, k in shapes), generator=gen).to(dtype)
+        return timed(lambda: [kernels.linear(x[:, :w.shape[1]], w) for w in weights])[1]
+
+    result = {"threads": threads, "isa": cpu_native.supported_isas()[0], "path": ext.linear_path(dtype),
+              "fma_peak_gflops": peak / 1e9, "read_gb_s": bandwidth / 1e9}
+    with kernels.backend("native"):
+        everything = [w for layer in layers for w in layer]
+        pass_over(everything, 1)  # packs every weight once
+        result["m1_gb_s"] = weight_bytes / min(pass_over(everything, 1) for _ in range(3)) / 1e9
+        for rows in (64, 256):
+            flops = 2 * rows * sum(n * k for n, k in shapes)
+            result[f"m{rows}_gflops"] = flops / min(pass_over(layers[0], rows) for _ in range(3)) / 1e9
+    result["m1_pct_bandwidth"] = 100 * result["m1_gb_s"] / result["read_gb_s"]
+    for rows in (64, 256):
+        result[f"m{rows}_pct_peak"] = 100 * result[f"m{rows}_gflops"] / result["fma_peak_gflops"]
+    del layers
+    cpu_native._packed.clear()
+    free_memory()
+    return result
+
+
+def _linear_line(side: Side) -> str | None:
+    c = side.detail.get("linear")
+    if side.system != "batchdecode" or not c:
+        return None
+    pair = " (bf16 pair dots do 2 multiply-adds a lane: their own peak is 2x the fp32 one)" \
+        if "pair" in c["path"] else ""
+    return (f"- {side.dtype}, linear layers ({c['path']}, {c['isa']} build, {c['threads']} threads): M=1 "
+            f"{c['m1_gb_s']:.1f} GB/s = {c['m1_pct_bandwidth']:.0f}% of the read bandwidth ({c['read_gb_s']:.1f} GB/s); "
+            f"M=64 {c['m64_gflops']:.0f} GFLOP/s = {c['m64_pct_peak']:.0f}%, M=256 {c['m256_gflops']:.0f} GFLOP/s = "
+            f"{c['m256_pct_peak']:.0f}% of the fp32 FMA peak ({c['fma_peak_gflops']:.0f} GFLOP/s){pair}.")
 
 
 def _self_cpu_s() -> float:
@@ -816,6 +878,9 @@ def peer_report(sides: list[Side], work: Workload, indices: list[int], path: str
                   "tokens alone = in batch", "logprobs bitwise alone = "
                   "in batch", "max abs logprob diff", "same tokens as batchdecode", "error"], table),
     ])
+    linear_lines = [line for line in map(_linear_line, sides) if line]
+    if linear_lines:
+        text += "\n\nThe linear layers against the machine's ceilings, measured in the same run:\n" + "\n".join(linear_lines)
     if echo:
         print(text, flush=True)
     return text, {"peer": {"rows": rows, "ratios": ratios, "prompt_lengths": lengths, "max_tokens": work.max_tokens,

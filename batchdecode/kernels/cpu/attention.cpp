@@ -171,7 +171,11 @@ void run(const PagedAttentionArgs& a) {
   for (int64_t row = 0; row < a.num_rows; ++row)
     for (int64_t t = a.cu_q_lens[row]; t < std::min<int64_t>(a.cu_q_lens[row + 1], a.num_tokens); ++t) row_of[t] = row;
   const int64_t heads = a.num_heads / a.num_kv_heads, tasks = a.num_tokens * a.num_kv_heads;
-#pragma omp parallel
+  // (query, slot) pairs at most, times heads and head dim: one thread below PARALLEL_MACS (see linear.cpp)
+  int64_t work = 0;
+  for (int64_t row = 0; row < a.num_rows; ++row) work += int64_t(a.cu_q_lens[row + 1] - a.cu_q_lens[row]) * a.kv_lens[row];
+  work *= a.num_heads * a.head_dim * 2;
+#pragma omp parallel if (work >= PARALLEL_MACS)
   {
     Scratch scratch(heads, a.head_dim);
 #pragma omp for schedule(dynamic, 4)

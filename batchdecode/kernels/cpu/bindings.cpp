@@ -174,6 +174,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, release());
   m.def("rope_and_store_kv", &rope_and_store_kv, release());
   m.def("linear_path", &linear_path);
+  m.def("fma_peak", &bd::fma_peak, release());
+  m.def("fma_peak_flops_per_iteration", &bd::fma_peak_flops_per_iteration);
   m.attr("VECTOR_LANES") = bd::VL;
   m.attr("KV_SPLIT") = bd::KV_SPLIT;
   m.attr("MAX_HEAD_DIM") = bd::MAX_HEAD_DIM;

@@ -8,6 +8,10 @@
 
 namespace bd {
 
+// Below this many multiply-adds (tens of microseconds) a kernel runs on one thread: waking a second one costs
+// more, and on a loaded machine a parallel region can wait a whole scheduler slice for it.
+constexpr int64_t PARALLEL_MACS = int64_t(1) << 21;
+
 // ---- paged attention (attention.cpp)
 
 // Every query's KV range is cut into KV_SPLIT-slot splits counted from kv_start and folded in order; inside a
@@ -55,6 +59,10 @@ void rms_norm(const void* x, const void* residual, const void* weight, void* out
               int64_t dim, int64_t x_stride, int64_t residual_stride, float eps, DType dtype);
 // out[r, :] = silu(x[r, :n]) * x[r, n:]
 void silu_and_mul(const void* x, void* out, int64_t rows, int64_t n, int64_t x_stride, DType dtype);
+
+// ---- the machine's ceiling (peak.cpp): `threads` threads each run `iterations` x fma_peak_flops_per_iteration()
+float fma_peak(int64_t iterations, int threads);
+int64_t fma_peak_flops_per_iteration();
 
 // Rotate q [T, H, D] and k [T, KVH, D] in place at each token's position (rotary_dim features, neox or
 // interleaved pairs), then copy k and v [T, KVH, D] (heads contiguous) to their cache slots; slot < 0 stores nothing.

@@ -152,7 +152,7 @@ void gemm(const TX* x, int64_t lda, const TW* packed, int64_t panel_k, const flo
           int64_t n) {
   const int64_t row_blocks = (m + ROW_BLOCK - 1) / ROW_BLOCK, tasks = panels(n) * row_blocks;
   // panel-major: a panel stays in cache while every row block passes it
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m * n * panel_k >= PARALLEL_MACS)
   for (int64_t task = 0; task < tasks; ++task) {
     int64_t p = task / row_blocks, block = task % row_blocks;
     const TW* panel = packed + p * panel_k * NR;
@@ -168,7 +168,7 @@ void gemm(const TX* x, int64_t lda, const TW* packed, int64_t panel_k, const flo
 template <typename T>
 std::vector<float> widen(const T* x, int64_t stride, int64_t m, int64_t k) {
   std::vector<float> wide(m * k);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m * k >= PARALLEL_MACS / 16)
   for (int64_t r = 0; r < m; ++r)
     for (int64_t kk = 0; kk < k; ++kk) wide[r * k + kk] = to_float(x[r * stride + kk]);
   return wide;

@@ -12,7 +12,7 @@
 namespace bd {
 namespace {
 
-constexpr int64_t PARALLEL_ELEMENTS = 1 << 16;  // below this, one thread: a parallel region costs more
+constexpr int64_t PARALLEL_ELEMENTS = PARALLEL_MACS / 16;  // a few flops an element
 
 template <typename T>
 vf round_to(vf v) {  // v rounded to T and widened back
