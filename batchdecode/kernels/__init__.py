@@ -25,8 +25,7 @@ if HAVE_TRITON:  # outside the try, so that a broken kernel module fails loudly 
     from . import triton_activation, triton_attention, triton_matmul, triton_moe, triton_rms_norm, triton_rope_kv
 
 __all__ = ["linear", "grouped_linear", "paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul",
-           "reference",
-           "backend", "batch_invariant", "use_triton"]
+           "reference", "backend", "batch_invariant", "use_triton"]
 
 BACKENDS = ("auto", "triton", "native", "torch")
 _backend = "auto"

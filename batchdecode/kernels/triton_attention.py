@@ -66,9 +66,11 @@ def tile_config(dtype: torch.dtype, head_dim_pad: int, arch: int) -> TileConfig:
     fp32 runs an exact FMA dot (no tf32) on 16-row tiles.
     """
     if dtype == torch.float32:
-        # two stages over head dim 64: the window's masks need the registers a third stage would take
-        block_n = 32 if head_dim_pad <= 64 else 16
-        return TileConfig(block_m=16, block_n=block_n, num_warps=4, num_stages=3 if head_dim_pad <= 64 else 2)
+        # 32-token KV tiles at head dim 64 only, fewer stages over it (one on Ampere at 256): with the window's
+        # masks, other choices spill
+        block_n = 32 if head_dim_pad == 64 else 16
+        stages = 3 if head_dim_pad <= 64 else 2 if arch >= 90 or head_dim_pad <= 128 else 1
+        return TileConfig(block_m=16, block_n=block_n, num_warps=4, num_stages=stages)
     if head_dim_pad == 256:
         return TileConfig(block_m=32, block_n=32, num_warps=8, num_stages=2)
     if arch >= 90:
@@ -156,8 +158,8 @@ def _paged_attention_kernel(
     head_in_group = chunk * group_block + (offs_m & (group_block - 1))
     head = kv_head * group + head_in_group
     row_valid = (q_idx < q_len) & (head_in_group < group)
-    q_slot = kv_len - q_len + q_idx  # KV slot of each query: it sees slots q_from .. q_slot
-    q_from = tl.where(window > 0, tl.maximum(q_slot - window + 1, start), start)
+    q_slot = kv_len - q_len + q_idx  # KV slot of each query
+    reach = tl.where(window > 0, window, 1 << 30)  # a query sees slots own - reach + 1 .. own (and from start on)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_valid = offs_d < HEAD_DIM
     q_tok = (q_lo + q_idx).to(tl.int64)
@@ -203,7 +205,7 @@ def _paged_attention_kernel(
                 s = _tanh(s * cap_in) * cap_out
             else:
                 s = s * scale_log2
-            visible = (offs_n[None, :] <= q_slot[:, None]) & (offs_n[None, :] >= q_from[:, None])
+            visible = (offs_n[None, :] <= q_slot[:, None]) & (offs_n[None, :] + reach > q_slot[:, None])
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # a row with nothing visible yet keeps m = -inf; subtract 0 there, not -inf, to avoid NaN

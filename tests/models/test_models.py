@@ -107,7 +107,8 @@ def test_only_selected_rows_get_logits(twins):
     assert steps.model(batch, [(k.clone(), v.clone()) for k, v in steps.kv_caches]).shape == (0, VOCAB_SIZE)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # rope_and_store_kv / store_kv paths
+# rope_and_store_kv / store_kv paths; Gemma 2's window and soft-cap and the MoE grouped matmul in the kernels
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "qwen3_moe"])
 def test_triton_kernels_in_interpreter_match_transformers(arch):
     hf_model = make_hf(arch)
     model, _ = load_model(hf_model)
