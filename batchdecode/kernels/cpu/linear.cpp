@@ -151,8 +151,10 @@ template <typename TX, typename TW, typename TO>
 void gemm(const TX* x, int64_t lda, const TW* packed, int64_t panel_k, const float* bias, TO* out, int64_t m,
           int64_t n) {
   const int64_t row_blocks = (m + ROW_BLOCK - 1) / ROW_BLOCK, tasks = panels(n) * row_blocks;
-  // panel-major: a panel stays in cache while every row block passes it
-#pragma omp parallel for schedule(static) if (m * n * panel_k >= PARALLEL_MACS)
+  // panel-major: a panel stays in cache while every row block passes it. Dynamic: a thread that the OS runs
+  // late finds its share taken by the others instead of holding them at the barrier (no effect on the bits:
+  // every output element is one task's). A small M still streams a large weight: two threads read faster.
+#pragma omp parallel for schedule(dynamic, 1) if (m * n * panel_k >= PARALLEL_MACS || n * panel_k >= PARALLEL_MACS / 8)
   for (int64_t task = 0; task < tasks; ++task) {
     int64_t p = task / row_blocks, block = task % row_blocks;
     const TW* panel = packed + p * panel_k * NR;

@@ -24,7 +24,7 @@ vf round_to(vf v) {  // v rounded to T and widened back
 template <typename T>
 void rms_norm_rows(const T* x, const T* residual, const float* weight, T* out, T* residual_out, int64_t rows,
                    int64_t dim, int64_t x_stride, int64_t residual_stride, float eps) {
-#pragma omp parallel for schedule(static) if (rows * dim >= PARALLEL_ELEMENTS)
+#pragma omp parallel for schedule(dynamic, 16) if (rows * dim >= PARALLEL_ELEMENTS)
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = x + r * x_stride;
     if (residual) {  // x + residual, rounded to T: the residual stream the next layer adds to
@@ -48,7 +48,7 @@ void rms_norm_rows(const T* x, const T* residual, const float* weight, T* out, T
 
 template <typename T>
 void silu_and_mul_rows(const T* x, T* out, int64_t rows, int64_t n, int64_t x_stride) {
-#pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_ELEMENTS)
+#pragma omp parallel for schedule(dynamic, 16) if (rows * n >= PARALLEL_ELEMENTS)
   for (int64_t r = 0; r < rows; ++r) {
     const T* gate = x + r * x_stride;
     const T* up = gate + n;
@@ -84,7 +84,7 @@ void rope_and_store_rows(const RopeArgs& a) {
   const int64_t half = a.rotary_dim / 2, kv_row = a.num_kv_heads * a.head_dim;
   T* k_cache = static_cast<T*>(a.k_cache);
   T* v_cache = static_cast<T*>(a.v_cache);
-#pragma omp parallel for schedule(static) if (a.num_tokens * (a.num_heads + a.num_kv_heads) * a.head_dim >= PARALLEL_ELEMENTS)
+#pragma omp parallel for schedule(dynamic, 16) if (a.num_tokens * (a.num_heads + a.num_kv_heads) * a.head_dim >= PARALLEL_ELEMENTS)
   for (int64_t t = 0; t < a.num_tokens; ++t) {
     const float* cos = a.cos_sin + a.positions[t] * a.cos_sin_stride;
     const float* sin = cos + half;
