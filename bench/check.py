@@ -5,9 +5,10 @@
 On a GPU this is the first thing `python -m bench all` runs, so that a bug only real hardware shows (an illegal
 tl.dot shape, a race, a bf16 rounding) is named before any timing. On CPU it runs tiny cases in the Triton
 interpreter (TRITON_INTERPRET=1 must be set before triton is imported; `python -m bench check` does that).
-Reference: the twin in float64 for attention and rotary embedding; in the kernel's own dtype for rms_norm and
-silu_and_mul, whose contract includes roundings to that dtype. Every cache slot a kernel must not touch holds
-NaN; a NaN in an output, or a changed poison slot, fails the case.
+Every kernel is judged by the one tolerance rule the tests use (batchdecode.kernels.testing.error_bound): off the
+float64 twin by at most twice what the twin run in the kernel's dtype is off, plus 1e-5 (a bf16 ulp more for bf16
+outputs). Attention runs on the tests' poisoned paged batches (testing.paged_batch): every cache slot a kernel
+must not touch holds NaN; a NaN in an output, or a changed poison slot, fails the case.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from batchdecode.kernels.testing import error_bound, paged_batch, random_row
 from bench.common import Device, detect_device, md_table, save, save_json
 
-TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}  # ||err|| / ||ref||
 SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -31,19 +32,21 @@ class Result:
     case: str
     max_err: float | None = None
     rel_err: float | None = None
-    tol: float | None = None
+    ratio: float | None = None    # the largest error / bound of the one tolerance rule: <= 1 passes
     status: str = "FAIL"
     note: str = ""
 
 
-def compare(out: Tensor, ref: Tensor, tol: float) -> tuple[float, float, bool]:
-    out, ref = out.cpu(), ref.cpu()
-    diff = out.double() - ref.double()
+def compare(out: Tensor, exact: Tensor, in_dtype: Tensor) -> tuple[float, float, float, bool]:
+    """By the one tolerance rule: (max error, ||out - exact|| / ||exact||, the largest error / bound, within)."""
+    out, exact, in_dtype = out.cpu(), exact.cpu(), in_dtype.cpu()
     if torch.isnan(out).any():
-        return math.inf, math.inf, False
+        return math.inf, math.inf, math.inf, False
+    bound = error_bound(out, exact, in_dtype)
+    diff = out.double() - exact.double()
     max_err = diff.abs().max().item() if diff.numel() else 0.0
-    rel = (diff.norm() / ref.double().norm().clamp_min(1e-30)).item() if diff.numel() else 0.0
-    return max_err, rel, rel <= tol
+    rel = (diff.norm() / exact.double().norm().clamp_min(1e-30)).item() if diff.numel() else 0.0
+    return max_err, rel, bound.ratio, bound.ok
 
 
 # ---- paged attention
@@ -89,58 +92,40 @@ def attention_cases(quick: bool) -> list[AttentionCase]:
     ]
 
 
-def _attention_inputs(c: AttentionCase, device: str, gen: torch.Generator):
+def _attention_inputs(c: AttentionCase, device: str, gen: torch.Generator) -> dict:
+    """paged_attention's arguments: the tests' poisoned paged batch of random rows of this case's mode."""
     valid = torch.randint(1, c.max_len + 1, (c.rows,), generator=gen).tolist()
     starts = (torch.randint(0, 2 * c.block_size + 1, (c.rows,), generator=gen).tolist() if c.left_pad
               else [0] * c.rows)
-    ends = [s + n for s, n in zip(starts, valid)]
     modes = ([c.mode] * c.rows if c.mode != "mixed"
              else [("decode", "prefill", "chunked")[i % 3] for i in range(c.rows)])
     q_lens = [1 if m == "decode" else n if m == "prefill" else int(torch.randint(1, n + 1, (1,), generator=gen))
               for m, n in zip(modes, valid)]
-    pages = [-(-e // c.block_size) for e in ends]
-    num_pages = sum(pages) + 1  # the last page is a spare that unused block-table entries point to
-    order = torch.randperm(num_pages - 1, generator=gen).tolist()
-    block_table = torch.full((c.rows, max(pages)), num_pages - 1, dtype=torch.int32)
-    first = 0
-    shape = (num_pages, c.block_size, c.kv_heads, c.head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=c.dtype)
-    v_cache = torch.full(shape, float("nan"), dtype=c.dtype)
-    for row, n in enumerate(pages):
-        block_table[row, :n] = torch.tensor(order[first:first + n], dtype=torch.int32)
-        first += n
-        slots = (block_table[row, :n].long()[:, None] * c.block_size + torch.arange(c.block_size)).flatten()
-        slots = slots[starts[row]:ends[row]]
-        for cache in (k_cache, v_cache):
-            cache.view(-1, c.kv_heads, c.head_dim)[slots] = torch.randn(
-                len(slots), c.kv_heads, c.head_dim, generator=gen).to(c.dtype)
-    q = torch.randn(sum(q_lens), c.heads, c.head_dim, generator=gen).to(c.dtype)
-    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
-    args = (q, k_cache, v_cache, block_table, cu, torch.tensor(ends, dtype=torch.int32))
-    kv_start = torch.tensor(starts, dtype=torch.int32) if c.left_pad else None
-    return [t.to(device) for t in args], None if kv_start is None else kv_start.to(device)
+    rows = [random_row(q, s + n, s, c.heads, c.kv_heads, c.head_dim, c.dtype, generator=gen)
+            for q, s, n in zip(q_lens, starts, valid)]
+    seed = int(torch.randint(2**31, (1,), generator=gen))
+    return paged_batch(rows, c.block_size, seed=seed, with_kv_start=c.left_pad, device=device)
 
 
 def check_attention(c: AttentionCase, device: Device, gen: torch.Generator) -> Result:
     from batchdecode import kernels
     from batchdecode.kernels import reference
-    args, kv_start = _attention_inputs(c, device.kind, gen)
-    out = kernels.paged_attention(*args, kv_start=kv_start)
-    # float64 on the CPU: the twin is the CPU backend
-    q, k_cache, v_cache, *meta = (t.cpu() for t in args)
-    ref = reference.paged_attention(q.double(), k_cache.double(), v_cache.double(), *meta,
-                                    kv_start=None if kv_start is None else kv_start.cpu())
-    max_err, rel, ok = compare(out, ref, TOLERANCE[c.dtype])
+    call = _attention_inputs(c, device.kind, gen)
+    out = kernels.paged_attention(**call)
+    # the twins on the CPU (the CPU backend), in float64 and in the kernel's dtype
+    cpu = {name: None if t is None else t.cpu() for name, t in call.items()}
+    exact = reference.paged_attention(**{**cpu, **{n: cpu[n].double() for n in ("q", "k_cache", "v_cache")}})
+    max_err, rel, ratio, ok = compare(out, exact, reference.paged_attention(**cpu))
     note = ""
     if ok and c.rows > 1:
-        ok, note = _row_alone_is_identical(args, kv_start, out)
-    return Result("paged_attention", str(c), max_err, rel, TOLERANCE[c.dtype], "PASS" if ok else "FAIL", note)
+        ok, note = _row_alone_is_identical(call, out)
+    return Result("paged_attention", str(c), max_err, rel, ratio, "PASS" if ok else "FAIL", note)
 
 
-def _row_alone_is_identical(args, kv_start, out) -> tuple[bool, str]:
+def _row_alone_is_identical(call: dict, out: Tensor) -> tuple[bool, str]:
     """Batch invariance: the last row run alone gives bitwise the output it got inside the batch."""
     from batchdecode import kernels
-    q, k_cache, v_cache, block_table, cu, kv_lens = args
+    q, k_cache, v_cache, block_table, cu, kv_lens, kv_start = call.values()
     lo, hi = cu[-2].item(), cu[-1].item()
     alone = kernels.paged_attention(
         q[lo:hi], k_cache, v_cache, block_table[-1:], torch.tensor([0, hi - lo], dtype=torch.int32, device=q.device),
@@ -202,31 +187,33 @@ def _rope_inputs(c: RopeCase, device: str, gen: torch.Generator) -> dict:
     return {name: x.to(device) for name, x in t.items()}
 
 
-def _as_reference(t: dict) -> dict:
-    """Float64 copies of the float tensors (cos_sin_cache stays float32, as the contract has it)."""
-    return {n: x.clone() if n in ("positions", "slot_mapping", "cos_sin_cache") else x.double() for n, x in t.items()}
+def _as_reference(t: dict, dtype: torch.dtype | None = None) -> dict:
+    """Copies of the inputs (the kernel works in place), the float tensors in `dtype` (default: float64;
+    cos_sin_cache stays float32, as the contract has it)."""
+    return {n: x.clone() if n in ("positions", "slot_mapping", "cos_sin_cache") else
+            x.to(dtype or torch.float64, copy=True) for n, x in t.items()}
 
 
-def _compare_cache(cache: Tensor, ref: Tensor, tol: float) -> tuple[float, float, bool]:
-    """Written slots match the reference; every slot the reference left NaN is still NaN."""
-    written = ~torch.isnan(ref)
+def _compare_cache(cache: Tensor, exact: Tensor, in_dtype: Tensor) -> tuple[float, float, float, bool]:
+    """Written slots within the rule; every slot the reference left NaN is still NaN."""
+    written = ~torch.isnan(exact)
     if not torch.equal(torch.isnan(cache), ~written):
-        return math.inf, math.inf, False
-    return compare(cache[written], ref[written], tol)
+        return math.inf, math.inf, math.inf, False
+    return compare(cache[written], exact[written], in_dtype[written])
 
 
 def check_rope(c: RopeCase, device: Device, gen: torch.Generator) -> Result:
     from batchdecode import kernels
     from batchdecode.kernels import reference
     t = _rope_inputs(c, device.kind, gen)
-    r = _as_reference(t)
+    exact, in_dtype = _as_reference(t), _as_reference(t, c.dtype)
     kw = dict(rotary_dim=c.rotary_dim, neox_style=c.neox)
     kernels.rope_and_store_kv(**t, **kw)
-    reference.rope_and_store_kv(**r, **kw)
-    tol = TOLERANCE[c.dtype]
-    results = [compare(t[n], r[n], tol) for n in ("q", "k")]
-    results += [_compare_cache(t[n], r[n], tol) for n in ("k_cache", "v_cache")]
-    return _merge("rope_and_store_kv", str(c), results, tol)
+    reference.rope_and_store_kv(**exact, **kw)
+    reference.rope_and_store_kv(**in_dtype, **kw)
+    results = [compare(t[n], exact[n], in_dtype[n]) for n in ("q", "k")]
+    results += [_compare_cache(t[n], exact[n], in_dtype[n]) for n in ("k_cache", "v_cache")]
+    return _merge("rope_and_store_kv", str(c), results)
 
 
 def check_store(c: RopeCase, device: Device, gen: torch.Generator) -> Result:
@@ -237,18 +224,19 @@ def check_store(c: RopeCase, device: Device, gen: torch.Generator) -> Result:
     names = ("k", "v", "k_cache", "v_cache", "slot_mapping")
     kernels.store_kv(*(t[n] for n in names))
     reference.store_kv(*(r[n] for n in names))
-    results = [_compare_cache(t[n], r[n], 0.0) for n in ("k_cache", "v_cache")]  # a copy is exact
-    return _merge("store_kv", f"{SHORT[c.dtype]} {c.kv_heads}x{c.head_dim} T={c.tokens}", results, 0.0)
+    # a copy is exact: the twin in float64 and in the dtype agree, so the rule's bound is 1e-5
+    results = [_compare_cache(t[n], r[n], r[n]) for n in ("k_cache", "v_cache")]
+    return _merge("store_kv", f"{SHORT[c.dtype]} {c.kv_heads}x{c.head_dim} T={c.tokens}", results)
 
 
-def _merge(kernel: str, case: str, results, tol: float) -> Result:
-    max_err = max(m for m, _, _ in results)
-    rel = max(r for _, r, _ in results)
-    ok = all(o for _, _, o in results)
-    return Result(kernel, case, max_err, rel, tol, "PASS" if ok else "FAIL")
+def _merge(kernel: str, case: str, results) -> Result:
+    """One row for a kernel's outputs: the largest of each measure."""
+    max_err, rel, ratio = (max(r[i] for r in results) for i in range(3))
+    ok = all(o for *_, o in results)
+    return Result(kernel, case, max_err, rel, ratio, "PASS" if ok else "FAIL")
 
 
-# ---- rms_norm and silu_and_mul: against the twin in the same dtype (the roundings are part of the contract)
+# ---- rms_norm and silu_and_mul
 
 def check_rms_norm(tokens: int, hidden: int, dtype: torch.dtype, residual: bool, device: Device,
                    gen: torch.Generator) -> Result:
@@ -258,19 +246,18 @@ def check_rms_norm(tokens: int, hidden: int, dtype: torch.dtype, residual: bool,
     weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(device.kind)
     res = torch.randn(tokens, hidden, generator=gen).to(dtype).to(device.kind) if residual else None
     out, res_out = kernels.rms_norm(x.clone(), weight, 1e-6, None if res is None else res.clone())
-    ref, ref_res = reference.rms_norm(x, weight, 1e-6, res)
-    tol = TOLERANCE[dtype]
+    exact = reference.rms_norm(x.double(), weight.double(), 1e-6, None if res is None else res.double())
+    in_dtype = reference.rms_norm(x, weight, 1e-6, res)
     case = f"{SHORT[dtype]} T={tokens} hidden={hidden}" + (" +residual" if residual else "")
-    return _merge("rms_norm", case, [compare(out, ref, tol), compare(res_out, ref_res, tol)], tol)
+    return _merge("rms_norm", case, [compare(o, e, d) for o, e, d in zip((out, res_out), exact, in_dtype)])
 
 
 def check_silu(tokens: int, n: int, dtype: torch.dtype, device: Device, gen: torch.Generator) -> Result:
     from batchdecode import kernels
     from batchdecode.kernels import reference
     x = torch.randn(tokens, 2 * n, generator=gen).to(dtype).to(device.kind)
-    tol = TOLERANCE[dtype]
-    max_err, rel, ok = compare(kernels.silu_and_mul(x.clone()), reference.silu_and_mul(x), tol)
-    return Result("silu_and_mul", f"{SHORT[dtype]} T={tokens} N={n}", max_err, rel, tol, "PASS" if ok else "FAIL")
+    result = compare(kernels.silu_and_mul(x.clone()), reference.silu_and_mul(x.double()), reference.silu_and_mul(x))
+    return _merge("silu_and_mul", f"{SHORT[dtype]} T={tokens} N={n}", [result])
 
 
 # ---- the sweep
@@ -320,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
             result = Result(kernel, label, note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         results.append(result)
         print(f"  {result.status}  {result.kernel:<18} {result.case}  max err {_g(result.max_err)}  "
-              f"rel {_g(result.rel_err)} (tol {_g(result.tol)}) {result.note}", flush=True)
+              f"rel {_g(result.rel_err)}  err/bound {_g(result.ratio)} {result.note}", flush=True)
     return report(results, device, args.part)
 
 
@@ -330,9 +317,9 @@ def _g(x) -> str:
 
 def report(results: list[Result], device: Device, part: str = "", echo: bool = True) -> dict:
     passed = sum(r.status == "PASS" for r in results)
-    rows = [[r.kernel, r.case, r.max_err, r.rel_err, r.tol, r.status, r.note or None] for r in results]
+    rows = [[r.kernel, r.case, r.max_err, r.rel_err, r.ratio, r.status, r.note or None] for r in results]
     text = (f"# Kernel check on {device.name}: {passed}/{len(results)} PASS\n\n"
-            + md_table(["kernel", "case", "max err", "rel err", "tol", "status", "note"], rows) + "\n")
+            + md_table(["kernel", "case", "max err", "rel err", "err/bound", "status", "note"], rows) + "\n")
     if echo:
         print(text, flush=True)
     if not part:

@@ -7,8 +7,7 @@ With TRITON_INTERPRET=0 on a machine with a GPU the same tests run the compiled 
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,64 +16,19 @@ from torch import Tensor
 
 from batchdecode import kernels
 from batchdecode.kernels import reference
+from batchdecode.kernels.testing import PagedRow, paged_batch, random_row
 
 from batchdecode.kernels import triton_attention as triton_module
 SMALL_SPLIT = 64  # tokens per decode split in most tests, so that two splits cost two KV tiles
 
 
-@dataclass(frozen=True)
-class Row:
-    """One request: its queries and the K/V of its visible slots kv_start .. kv_len - 1."""
-    q: Tensor  # [q_len, H, D]
-    k: Tensor  # [kv_len - kv_start, KVH, D]
-    v: Tensor
-    kv_start: int = 0  # empty slots before the first visible one (left padding)
-
-    @property
-    def kv_len(self) -> int:
-        return self.kv_start + self.k.shape[0]
+Row = PagedRow
 
 
-def random_row(q_len: int, kv_len: int, kv_start: int, heads: int, kv_heads: int, head_dim: int,
-               dtype: torch.dtype) -> Row:
-    assert 0 <= kv_start <= kv_len - q_len, (q_len, kv_len, kv_start)
-    visible = kv_len - kv_start
-    return Row(q=torch.randn(q_len, heads, head_dim).to(dtype), k=torch.randn(visible, kv_heads, head_dim).to(dtype),
-               v=torch.randn(visible, kv_heads, head_dim).to(dtype), kv_start=kv_start)
-
-
-def pack(rows: list[Row], block_size: int, *, seed: int = 0, spare_pages: int = 3, spare_columns: int = 1,
-         with_kv_start: bool = True) -> dict:
-    """paged_attention's arguments for rows, each on its own shuffled physical pages; the rest is poison."""
-    gen = torch.Generator().manual_seed(seed)
-    first_pages = [row.kv_start // block_size for row in rows]
-    end_pages = [math.ceil(row.kv_len / block_size) for row in rows]
-    needed = sum(end - first for first, end in zip(first_pages, end_pages))
-    num_blocks = needed + spare_pages
-    physical = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-    _, kv_heads, head_dim = rows[0].k.shape
-    dtype = rows[0].q.dtype
-    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype)
-    v_cache = torch.full_like(k_cache, float("nan"))
-    # entries the call must not follow: NaN pages and indices of no page at all
-    junk = torch.tensor([*physical[needed:].tolist(), -1, num_blocks + 1000, 2**31 - 1], dtype=torch.int32)
-    width = max(end_pages) + spare_columns
-    block_table = junk[torch.randint(len(junk), (len(rows), width), generator=gen)]
-    taken = 0
-    for s, (row, first, end) in enumerate(zip(rows, first_pages, end_pages)):
-        block_table[s, first:end] = physical[taken:taken + end - first]
-        taken += end - first
-        slots = torch.arange(row.kv_start, row.kv_len)
-        pages, offsets = block_table[s, slots // block_size].long(), slots % block_size
-        k_cache[pages, offsets] = row.k
-        v_cache[pages, offsets] = row.v
-    q_lens = torch.tensor([row.q.shape[0] for row in rows])
-    call = dict(
-        q=torch.cat([row.q for row in rows]), k_cache=k_cache, v_cache=v_cache, block_table=block_table,
-        cu_q_lens=torch.cat([torch.zeros(1), q_lens.cumsum(0)]).to(torch.int32),
-        kv_lens=torch.tensor([row.kv_len for row in rows], dtype=torch.int32),
-        kv_start=torch.tensor([row.kv_start for row in rows], dtype=torch.int32) if with_kv_start else None)
-    return {name: None if t is None else t.to(DEVICE) for name, t in call.items()}
+def pack(rows: list[Row], block_size: int, **options) -> dict:
+    """paged_attention's arguments for rows on shuffled physical pages, the rest poison (the builder the bench
+    uses too: batchdecode.kernels.testing.paged_batch), on the tests' device."""
+    return paged_batch(rows, block_size, device=DEVICE, **options)
 
 
 def exact(call: dict) -> Tensor:
