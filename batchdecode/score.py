@@ -134,7 +134,7 @@ def _limits(folder: Path):
     from .intake import Limits
     from .models.limits import context_limit
 
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)   # never a folder's own code
     return Limits(config.vocab_size, context_limit(config), EngineConfig().block_size)
 
 
