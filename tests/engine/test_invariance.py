@@ -13,6 +13,7 @@ import pytest
 import torch
 from tiny_models import ARCHITECTURES, tiny_model
 
+from batchdecode import kernels
 from batchdecode.llm import LLM
 from batchdecode.sampling_params import SamplingParams
 
@@ -89,3 +90,50 @@ def test_request_is_bitwise_the_same_in_any_batch(arch, dtype_name, target):
             assert 0 in preempted, "the pool was meant to preempt the target"
         assert ids == alone_ids, f"{what}: token ids differ from the request alone"
         assert logprobs == alone_logprobs, f"{what}: logprobs differ from the request alone"
+
+
+def _triton_run(dtype_name: str, prompt: list[int], before: list[list[int]], neighbour_tokens: int = 2,
+                warm: bool = False, **engine) -> tuple[list, list[int]]:
+    """The target's (id, logprob, top logprobs) per token from one generate on the interpreted Triton kernels, its
+    prompt after `before`; and its generated-token counts at each preemption."""
+    llm = LLM(model("llama", dtype_name), **{"block_size": 4, "num_kv_blocks": 64, "enable_prefix_caching": False,
+                                             **engine})
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)
+    if warm:
+        llm.generate([prompt], params, use_tqdm=False)
+    preempted_at, preempt = [], llm.scheduler.preempt
+
+    def recording_preempt(seq):
+        if seq.index == len(before):
+            preempted_at.append(seq.num_completion_tokens)
+        preempt(seq)
+
+    llm.scheduler.preempt = recording_preempt
+    neighbours = SamplingParams(temperature=0, max_tokens=neighbour_tokens, ignore_eos=True)
+    outs = llm.generate(before + [prompt], [neighbours] * len(before) + [params], use_tqdm=False)
+    return [(lp.token_id, lp.logprob, lp.top_logprobs) for lp in outs[-1].logprobs], preempted_at
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_request_is_bitwise_the_same_on_the_triton_kernels(dtype_name):
+    """Issue 18 on the Triton path (interpreted): alone == chunks of 7 == cut at an odd row by a 37- and a 61-token
+    budget beside a neighbour == preempted after its first token and recomputed == a prefix-cache hit."""
+    prompt = prompts(1, seed=5, lo=24, hi=25)[0]
+    neighbour = prompts(1, seed=6, lo=30, hi=31)[0]
+    with kernels.backend("triton"):
+        alone, _ = _triton_run(dtype_name, prompt, [])
+        cases = {
+            "chunks of 7": _triton_run(dtype_name, prompt, [], max_num_batched_tokens=7),
+            "budget 37 after a 30-token neighbour": _triton_run(dtype_name, prompt, [neighbour], max_num_batched_tokens=37),
+            "budget 61 after a 30-token neighbour": _triton_run(dtype_name, prompt, [neighbour], max_num_batched_tokens=61),
+            # 24 tokens fill 6 pages: the target needs a 7th for its second token and, the newest row in a pool
+            # with no free page, preempts itself; it is recomputed once the neighbours finish
+            "preempted": _triton_run(dtype_name, prompt, prompts(2, seed=7, lo=2, hi=3), neighbour_tokens=6,
+                                     num_kv_blocks=8),
+            "prefix-cache hit": _triton_run(dtype_name, prompt, [], warm=True, enable_prefix_caching=True),
+        }
+    assert cases["preempted"][1] and cases["preempted"][1][0] > 0, "the pool was meant to preempt the target mid-decode"
+    for what, (got, _) in cases.items():
+        first = next((k for k, (a, b) in enumerate(zip(alone, got)) if a != b), None)
+        assert first is None, f"{what}: token {first} differs: alone {alone[first]}, here {got[first]}"
+        assert len(got) == len(alone), f"{what}: {len(got)} tokens, {len(alone)} alone"
