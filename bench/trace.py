@@ -281,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=50)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="of the random prompt")
-    parser.add_argument("--backend", choices=("torch", "triton"), default="torch",
-                        help="torch: the twins; triton: the Triton kernels (interpreted on CPU, slow)")
+    parser.add_argument("--backend", choices=("auto", "torch", "native", "triton"), default="auto",
+                        help="kernels.backend: auto (the default), torch (the twins), native (the C++ CPU kernels), "
+                             "triton (interpreted on CPU: set TRITON_INTERPRET=1; slow)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     from batchdecode import kernels
