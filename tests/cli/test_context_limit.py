@@ -23,9 +23,9 @@ SLIDING_QWEN = {"use_sliding_window": True, "sliding_window": 32, "layer_types":
 CASES = {
     "llama": ("llama", {}, 512),
     "gpt2 n_positions": ("gpt2", {"n_positions": 256}, 256),
-    "mistral window": ("mistral", {"sliding_window": 16}, 16),
+    "mistral window": ("mistral", {"sliding_window": 16}, 512),   # a window caps nothing: the kernel slides it
     "mistral no window": ("mistral", {"sliding_window": None}, 512),
-    "qwen2 sliding layers": ("qwen2", SLIDING_QWEN, 32),
+    "qwen2 sliding layers": ("qwen2", SLIDING_QWEN, 512),
     "qwen2 window but full layers": ("qwen2", {"sliding_window": 32, "layer_types": ["full_attention"] * 2}, 512),
     "longrope": ("llama", {"rope_parameters": LONGROPE}, 128),
     "dynamic": ("llama", {"rope_parameters": dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)}, 512),
@@ -57,13 +57,15 @@ def mistral_window_16(tmp_path_factory):
     return path
 
 
-def test_a_prompt_past_the_sliding_window_is_one_line_naming_it(mistral_window_16, tmp_path, capsys):
-    # Within max_position_embeddings (512) but past the window: the CLI used to pass it and the engine to raise.
+def test_a_prompt_past_the_sliding_window_runs(mistral_window_16, tmp_path, capsys):
+    # Past the window, within max_position_embeddings (512): once refused by the engine after the CLI passed it,
+    # then by both; now served (the kernel slides the window), and the CLI agrees with the engine.
     write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hi", "max_tokens": 2}, {"prompt": "Once upon a time there"}])
     assert main(["generate", "--model", str(mistral_window_16), "--input", str(tmp_path / "in.jsonl"),
-                 "--output", str(tmp_path / "out.jsonl"), "--max-tokens", "14", "--no-progress"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("batchdecode: error: line 2: ") and "context of 16" in err[0], err
+                 "--output", str(tmp_path / "out.jsonl"), "--max-tokens", "14", "--ignore-eos", "--no-progress"]) == 0
+    records = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["num_generated_tokens"] for r in records] == [2, 14]
+    assert records[1]["num_prompt_tokens"] + 14 > 16   # past the window
 
 
 def run(checkpoint, tmp_path):
