@@ -78,8 +78,9 @@ def tiny_config(arch: str) -> PretrainedConfig:
         return Gemma3TextConfig(**small, **local_global, query_pre_attn_scalar=24, rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
-    if arch == "phi3":  # fused qkv and gate_up, a sliding window on every layer, Phi-4-mini's partial rotary
-        return Phi3Config(**small, sliding_window=WINDOW, resid_pdrop=0.0,
+    if arch == "phi3":  # fused qkv and gate_up, a window on every layer (of 32: with 8, every row would hold so few
+        # pages that the invariance suite's small pool could not preempt one), Phi-4-mini's partial rotary
+        return Phi3Config(**small, sliding_window=32, resid_pdrop=0.0,
                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})
     if arch == "smollm3":  # layer 1 has no rope (NoPE)
         return SmolLM3Config(**small, no_rope_layers=[1, 0], no_rope_layer_interval=2)

@@ -38,7 +38,7 @@ VARIANTS = {
                                        "layer_types": ["full_attention", "sliding_attention"]}),
     "gemma2": ("gemma2", {}),  # soft-capped scores and logits, local/global layers, GeGLU, (1 + w) norms
     "gemma3": ("gemma3", {}),  # per-head q/k norms, a rope base per layer type
-    "phi3": ("phi3", {}),  # fused qkv and gate_up, window 8 on every layer, partial rotary 0.75
+    "phi3": ("phi3", {"sliding_window": 8}),  # fused qkv and gate_up, window 8 on every layer, partial rotary 0.75
     "phi3-longrope": ("phi3", {"rope_parameters": _LONGROPE, "max_position_embeddings": 256,  # Phi-3-128k, Phi-4-mini
                                "original_max_position_embeddings": 64}),
     "smollm3": ("smollm3", {}),  # a NoPE layer
