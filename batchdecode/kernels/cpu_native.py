@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import reference
 
-SOURCES = ("bindings.cpp", "attention.cpp", "linear.cpp", "rowwise.cpp", "peak.cpp")
+SOURCES = ("bindings.cpp", "attention.cpp", "linear.cpp", "rowwise.cpp", "peak.cpp", "pool.cpp")
 SOURCE_DIR = Path(__file__).parent / "cpu"
 # -ffp-contract=off: the compiler never fuses a multiply and an add on its own, so every fma is one written
 # in the source, the same in every inlined copy of a function.

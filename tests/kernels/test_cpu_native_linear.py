@@ -37,12 +37,22 @@ def test_linear_within_bound_of_float64(isa, dtype, n, k, bias, nan_outputs):
     assert_within_bound(out, exact, in_dtype, f"linear {isa} {dtype} {n}x{k}")
 
 
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    """The tests run on one torch thread (conftest); the thread pool's path needs two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_row_equals_the_row_alone(isa, dtype):
-    w, b = weights(96, 200, dtype)
+def test_every_row_equals_the_row_alone(isa, dtype, threads):
+    w, b = weights(1100, 200, dtype)  # large enough to take the thread pool at M=1
     x = torch.randn(max(ROW_COUNTS), 200).to(dtype)
     alone = torch.cat([cpu_native.linear(x[i:i + 1], w, b, isa=isa) for i in range(len(x))])
+    torch.set_num_threads(3 - threads)  # the other thread count: the bits do not depend on it either
     for m in ROW_COUNTS:
         assert torch.equal(cpu_native.linear(x[:m], w, b, isa=isa), alone[:m]), f"M={m}"
     # a row in the middle of a call of other rows

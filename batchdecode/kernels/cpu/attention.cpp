@@ -175,24 +175,27 @@ void run(const PagedAttentionArgs& a) {
   int64_t work = 0;
   for (int64_t row = 0; row < a.num_rows; ++row) work += int64_t(a.cu_q_lens[row + 1] - a.cu_q_lens[row]) * a.kv_lens[row];
   work *= a.num_heads * a.head_dim * 2;
-#pragma omp parallel if (work >= PARALLEL_MACS)
-  {
-    Scratch scratch(heads, a.head_dim);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t task = 0; task < tasks; ++task) {
-      int64_t token = task / a.num_kv_heads, row = row_of[token];
-      Query query{token, task % a.num_kv_heads, 0, 0, 0, nullptr};
-      if (row >= 0) {
-        int64_t q_len = a.cu_q_lens[row + 1] - a.cu_q_lens[row];
-        int64_t own = a.kv_lens[row] - q_len + (token - a.cu_q_lens[row]);
-        query.kv_start = a.kv_start ? a.kv_start[row] : 0;
-        query.first_slot = a.window > 0 ? std::max(query.kv_start, own - a.window + 1) : query.kv_start;
-        query.end_slot = own + 1;
-        query.pages = a.block_table + row * a.block_table_stride;
-      }
-      attend<T>(a, query, scratch);
+  parallel_tasks(tasks, work >= PARALLEL_MACS, [&](int64_t task) {
+    thread_local Scratch* scratch = nullptr;  // one per thread, remade when the shape changes
+    thread_local int64_t scratch_heads = -1, scratch_dim = -1;
+    if (!scratch || scratch_heads != heads || scratch_dim != a.head_dim) {
+      delete scratch;
+      scratch = new Scratch(heads, a.head_dim);
+      scratch_heads = heads;
+      scratch_dim = a.head_dim;
     }
-  }
+    int64_t token = task / a.num_kv_heads, row = row_of[token];
+    Query query{token, task % a.num_kv_heads, 0, 0, 0, nullptr};
+    if (row >= 0) {
+      int64_t q_len = a.cu_q_lens[row + 1] - a.cu_q_lens[row];
+      int64_t own = a.kv_lens[row] - q_len + (token - a.cu_q_lens[row]);
+      query.kv_start = a.kv_start ? a.kv_start[row] : 0;
+      query.first_slot = a.window > 0 ? std::max(query.kv_start, own - a.window + 1) : query.kv_start;
+      query.end_slot = own + 1;
+      query.pages = a.block_table + row * a.block_table_stride;
+    }
+    attend<T>(a, query, *scratch);
+  });
 }
 
 }  // namespace

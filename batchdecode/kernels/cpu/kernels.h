@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include "vec.h"
 
@@ -11,6 +12,10 @@ namespace bd {
 // Below this many multiply-adds (tens of microseconds) a kernel runs on one thread: waking a second one costs
 // more, and on a loaded machine a parallel region can wait a whole scheduler slice for it.
 constexpr int64_t PARALLEL_MACS = int64_t(1) << 21;
+
+// Run fn(0) .. fn(tasks - 1), on torch's thread count when `parallel` (pool.cpp); the caller never waits for a
+// thread that has not started, only for tasks already claimed.
+void parallel_tasks(int64_t tasks, bool parallel, const std::function<void(int64_t)>& fn);
 
 // ---- paged attention (attention.cpp)
 

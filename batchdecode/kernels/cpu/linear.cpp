@@ -151,11 +151,9 @@ template <typename TX, typename TW, typename TO>
 void gemm(const TX* x, int64_t lda, const TW* packed, int64_t panel_k, const float* bias, TO* out, int64_t m,
           int64_t n) {
   const int64_t row_blocks = (m + ROW_BLOCK - 1) / ROW_BLOCK, tasks = panels(n) * row_blocks;
-  // panel-major: a panel stays in cache while every row block passes it. Dynamic: a thread that the OS runs
-  // late finds its share taken by the others instead of holding them at the barrier (no effect on the bits:
-  // every output element is one task's). A small M still streams a large weight: two threads read faster.
-#pragma omp parallel for schedule(dynamic, 1) if (m * n * panel_k >= PARALLEL_MACS || n * panel_k >= PARALLEL_MACS / 8)
-  for (int64_t task = 0; task < tasks; ++task) {
+  // panel-major: a panel stays in cache while every row block passes it; every output element is one task's.
+  // A small M still streams a large weight: two threads read it faster.
+  parallel_tasks(tasks, m * n * panel_k >= PARALLEL_MACS || n * panel_k >= PARALLEL_MACS / 8, [&](int64_t task) {
     int64_t p = task / row_blocks, block = task % row_blocks;
     const TW* panel = packed + p * panel_k * NR;
     for (int64_t row = block * ROW_BLOCK; row < std::min(m, (block + 1) * ROW_BLOCK); row += MR) {
@@ -163,7 +161,7 @@ void gemm(const TX* x, int64_t lda, const TW* packed, int64_t panel_k, const flo
       dispatch_rows(rows, x + row * lda, lda, panel, panel_k, bias, out + row * n, n, p * NR,
                     std::make_integer_sequence<int, MR>{});
     }
-  }
+  });
 }
 
 // x in fp32 (widened once per call when it is a half type), rows lda apart

@@ -24,8 +24,7 @@ vf round_to(vf v) {  // v rounded to T and widened back
 template <typename T>
 void rms_norm_rows(const T* x, const T* residual, const float* weight, T* out, T* residual_out, int64_t rows,
                    int64_t dim, int64_t x_stride, int64_t residual_stride, float eps) {
-#pragma omp parallel for schedule(dynamic, 16) if (rows * dim >= PARALLEL_ELEMENTS)
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_tasks(rows, rows * dim >= PARALLEL_ELEMENTS, [&](int64_t r) {
     const T* src = x + r * x_stride;
     if (residual) {  // x + residual, rounded to T: the residual stream the next layer adds to
       T* sum = residual_out + r * dim;
@@ -43,13 +42,12 @@ void rms_norm_rows(const T* x, const T* residual, const float* weight, T* out, T
       vf normed = round_to<T>(vmul(load_n(src + i, dim - i), inv_rms));  // rounded before the weight, as HF does
       store_n(out + r * dim + i, vmul(load_n(weight + i, dim - i), normed), dim - i);
     }
-  }
+  });
 }
 
 template <typename T>
 void silu_and_mul_rows(const T* x, T* out, int64_t rows, int64_t n, int64_t x_stride) {
-#pragma omp parallel for schedule(dynamic, 16) if (rows * n >= PARALLEL_ELEMENTS)
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_tasks(rows, rows * n >= PARALLEL_ELEMENTS, [&](int64_t r) {
     const T* gate = x + r * x_stride;
     const T* up = gate + n;
     for (int64_t i = 0; i < n; i += VL) {
@@ -57,7 +55,7 @@ void silu_and_mul_rows(const T* x, T* out, int64_t rows, int64_t n, int64_t x_st
       vf silu = vdiv(g, vadd(vset1(1.0f), vexp(vsub(vzero(), g))));
       store_n(out + r * n + i, vmul(silu, load_n(up + i, n - i)), n - i);
     }
-  }
+  });
 }
 
 template <typename T>
@@ -84,8 +82,8 @@ void rope_and_store_rows(const RopeArgs& a) {
   const int64_t half = a.rotary_dim / 2, kv_row = a.num_kv_heads * a.head_dim;
   T* k_cache = static_cast<T*>(a.k_cache);
   T* v_cache = static_cast<T*>(a.v_cache);
-#pragma omp parallel for schedule(dynamic, 16) if (a.num_tokens * (a.num_heads + a.num_kv_heads) * a.head_dim >= PARALLEL_ELEMENTS)
-  for (int64_t t = 0; t < a.num_tokens; ++t) {
+  parallel_tasks(a.num_tokens, a.num_tokens * (a.num_heads + a.num_kv_heads) * a.head_dim >= PARALLEL_ELEMENTS,
+                 [&](int64_t t) {
     const float* cos = a.cos_sin + a.positions[t] * a.cos_sin_stride;
     const float* sin = cos + half;
     T* q = static_cast<T*>(a.q) + t * a.q_stride;
@@ -95,10 +93,10 @@ void rope_and_store_rows(const RopeArgs& a) {
       for (int64_t h = 0; h < a.num_kv_heads; ++h) rotate(k + h * a.head_dim, half, a.neox_style, cos, sin);
     }
     int64_t slot = a.slot_mapping[t];
-    if (slot < 0) continue;  // a token whose K/V is not stored
+    if (slot < 0) return;  // a token whose K/V is not stored
     std::memcpy(k_cache + slot * kv_row, k, kv_row * sizeof(T));
     std::memcpy(v_cache + slot * kv_row, static_cast<const T*>(a.v) + t * a.v_stride, kv_row * sizeof(T));
-  }
+  });
 }
 
 }  // namespace

@@ -1,0 +1,90 @@
+// A pool of helper threads in which the caller never waits for a helper that has not started.
+//
+// OpenMP's fork-join ends every parallel region at a barrier of the whole team: on a machine shared with other
+// work, a helper the OS has not yet run holds the caller there for a scheduler slice, at every one of a decode
+// step's ~360 kernel calls. Here the caller claims tasks from a shared counter like any helper and then waits
+// only for tasks already claimed: a helper that wakes late finds nothing left and goes back to sleep. Which
+// thread runs a task never changes its arithmetic (every output element belongs to one task).
+#include <omp.h>
+
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "kernels.h"
+
+namespace bd {
+namespace {
+
+class Pool {
+ public:
+  void run(int64_t tasks, const std::function<void(int64_t)>& fn, int threads) {
+    ensure_helpers(threads - 1);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      fn_ = &fn;
+      tasks_ = tasks;
+      next_ = done_ = 0;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lock(mutex_);
+    finished_.wait(lock, [&] { return done_ == tasks_; });
+    fn_ = nullptr;
+  }
+
+ private:
+  void ensure_helpers(int count) {
+    while (int(helpers_.size()) < count) helpers_.emplace_back([this] { helper(); });
+  }
+
+  // claim and run tasks of the current job until none is left
+  void work() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (fn_ != nullptr && next_ < tasks_) {
+      int64_t task = next_++;
+      const std::function<void(int64_t)>* fn = fn_;
+      lock.unlock();
+      (*fn)(task);
+      lock.lock();
+      if (++done_ == tasks_) finished_.notify_all();
+    }
+  }
+
+  void helper() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+      }
+      work();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_, finished_;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  int64_t tasks_ = 0, next_ = 0, done_ = 0;
+  uint64_t generation_ = 0;
+  std::vector<std::thread> helpers_;
+};
+
+}  // namespace
+
+void parallel_tasks(int64_t tasks, bool parallel, const std::function<void(int64_t)>& fn) {
+  static std::mutex one_caller;  // one job at a time (kernels are called from one Python thread at a time)
+  int threads = omp_get_max_threads();  // torch.set_num_threads sets it
+  if (!parallel || threads < 2 || tasks < 2) {
+    for (int64_t t = 0; t < tasks; ++t) fn(t);
+    return;
+  }
+  static Pool* pool = new Pool();  // never destroyed: its helpers sleep until the process exits
+  std::lock_guard<std::mutex> lock(one_caller);
+  pool->run(tasks, fn, threads);
+}
+
+}  // namespace bd
