@@ -106,7 +106,8 @@ def two_threads():
 
 
 # CI runs the twins (the oracle and fallback, whose linear issue 18 fixed); BATCHDECODE_FULL=1 adds the default
-# CPU backend (the native kernels where they build), which took over 10 CPU-minutes for the CI size here.
+# CPU backend (the native kernels where they build): before d355a9e (its task pool) the CI size ran there for over
+# 10 CPU-minutes at load 5-7 without finishing; the lead may move it into CI once it is timed.
 BACKENDS = {"twins": "torch", **({"default": "auto"} if FULL else {})}
 
 
