@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -21,8 +22,6 @@ import pytest
 import batchdecode.kernels
 
 REPO = Path(__file__).resolve().parents[2]
-# Modules of kernels/ that hold no kernel.
-NOT_KERNELS = {"__init__", "reference", "compile_spec", "triton_common", "checks"}
 # Kernels whose every global load and store must move at least 4 bytes a thread (no 1- or 2-byte LDG/STG).
 WIDE_ACCESS_MODULES = {"triton_rope_kv", "triton_rms_norm", "triton_activation"}
 
@@ -50,7 +49,9 @@ def compile_report(arch: int) -> list[dict]:
 def test_every_kernel_configuration_compiles_without_spills(arch):
     rows = compile_report(arch)
 
-    kernel_modules = {path.stem for path in Path(batchdecode.kernels.__file__).parent.glob("*.py")} - NOT_KERNELS
+    # every module that defines a Triton function, less triton_common (device helpers the kernels inline)
+    kernel_modules = {path.stem for path in Path(batchdecode.kernels.__file__).parent.glob("*.py")
+                      if re.search(r"^@triton\.jit", path.read_text(), re.MULTILINE)} - {"triton_common"}
     assert {row["module"] for row in rows} == kernel_modules, "a kernel module is missing from the report"
 
     # ptxas puts spilled registers in the stack frame: STACK > 0 is a spill even when LOCAL is 0
@@ -58,6 +59,9 @@ def test_every_kernel_configuration_compiles_without_spills(arch):
                if row["local"] or row["stack"]]
     assert not spilled, f"sm_{arch} spills:\n" + "\n".join(spilled)
 
-    narrow = [f"{row['name']}: {op} x{n}" for row in rows if row["module"] in WIDE_ACCESS_MODULES
+    # transformers' tiny test models (4 heads of dim 8) give a 32-element tile: one bf16 element per thread of
+    # one warp, so 2-byte accesses are all there is to do; no served model has so small a layout.
+    narrow = [f"{row['name']}: {op} x{n}" for row in rows
+              if row["module"] in WIDE_ACCESS_MODULES and "hf-tiny-test" not in row["name"]
               for op, n in row["memory_ops"].items() if op.endswith((".U8", ".S8", ".U16", ".S16"))]
     assert not narrow, f"sm_{arch} byte/short global accesses:\n" + "\n".join(narrow)
