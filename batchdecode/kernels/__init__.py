@@ -25,7 +25,7 @@ if HAVE_TRITON:  # outside the try, so that a broken kernel module fails loudly 
     from . import triton_activation, triton_attention, triton_matmul, triton_moe, triton_rms_norm, triton_rope_kv
 
 __all__ = ["linear", "grouped_linear", "paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul",
-           "reference", "backend", "batch_invariant", "use_triton"]
+           "reference", "backend", "current_backend", "batch_invariant", "use_triton"]
 
 BACKENDS = ("auto", "triton", "native", "torch")
 _backend = "auto"
@@ -51,6 +51,11 @@ def backend(name: str) -> Iterator[None]:
         yield
     finally:
         _backend = previous
+
+
+def current_backend() -> str:
+    """The backend name the innermost `backend(...)` block set ("auto" outside any)."""
+    return _backend
 
 
 _invariant_linear = True

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
+from .. import kernels
 from ..intake import RequestError
 from ..outputs import EngineStats
 from .rows import ColumnRows, PickledRows, Request, Result
@@ -75,10 +76,9 @@ class Replica:
     """Ray Data's callable class: built once per actor (the model loads here), called once per batch."""
 
     def __init__(self, model: str, rows: ColumnRows | PickledRows, num_cpus: float, engine_kwargs: dict,
-                 kill: KillPlan | None = None):
+                 backend: str, kill: KillPlan | None = None):
         import torch
 
-        from .. import kernels
         from ..intake import default_device
         from ..llm import LLM
         from ..model_source import resolve_model
@@ -87,10 +87,7 @@ class Replica:
         on_cpu = default_device(engine_kwargs.get("device")).type == "cpu"
         if on_cpu:   # Ray reserved num_cpus cores for this actor; more threads would fight the other replicas
             torch.set_num_threads(max(1, int(num_cpus)))
-        # on CPU the twins, always: a TRITON_INTERPRET=1 inherited from the environment must not send a whole
-        # generation through Triton's interpreter
-        self.backend = "torch" if on_cpu else "auto"
-        self.kernels = kernels
+        self.backend = replica_backend(backend, on_cpu, kernels.cpu_native.available)
         with kernels.backend(self.backend), transformers_progress(False):   # a replica has no terminal to draw on
             self.llm = LLM(str(resolve_model(model, progress=False)), **engine_kwargs)
         self.rows, self.kill, self.batches_done = rows, kill, 0
@@ -113,7 +110,7 @@ class Replica:
         runnable = [i for i, r in enumerate(requests) if isinstance(r, Request)]
         while runnable:
             try:
-                with self.kernels.backend(self.backend):
+                with kernels.backend(self.backend):
                     outputs = self.llm.generate([requests[i].prompt for i in runnable],
                                                 [requests[i].params for i in runnable], use_tqdm=False)
             except RequestError as e:
@@ -126,6 +123,15 @@ class Replica:
                 results[i] = output
             break
         return results
+
+
+def replica_backend(driver_backend: str, on_cpu: bool, native_available) -> str:
+    """The kernels a replica runs: the driver's choice, so that N replicas give the bits one process gives.
+    "auto" on CPU resolves as the single process resolves it (the native kernels where they build, else the
+    twins), never to Triton's interpreter, which a TRITON_INTERPRET=1 inherited from the environment would pick."""
+    if driver_backend != "auto" or not on_cpu:
+        return driver_backend
+    return "native" if native_available() else "torch"
 
 
 def add_stats(a: EngineStats, b: EngineStats) -> EngineStats:
@@ -142,6 +148,6 @@ def map_replicas(ds: ray.data.Dataset, model: str, rows: ColumnRows | PickledRow
     return ds.map_batches(
         Replica, batch_size=batch_size, batch_format="pyarrow", concurrency=replicas,
         num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-        fn_constructor_kwargs=dict(model=model, rows=rows, num_cpus=resources.num_cpus,
-                                   engine_kwargs=engine_kwargs, kill=KillPlan.from_env()),
+        fn_constructor_kwargs=dict(model=model, rows=rows, num_cpus=resources.num_cpus, engine_kwargs=engine_kwargs,
+                                   backend=kernels.current_backend(), kill=KillPlan.from_env()),
         **(ray_remote_args or {}))

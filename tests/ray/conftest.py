@@ -19,8 +19,8 @@ NUM_CPUS = 2   # two replicas of one CPU each
 
 @pytest.fixture(scope="session")
 def cluster():
-    """A local cluster whose workers run the kernels' torch twins (TRITON_INTERPRET=0: the interpreter is far
-    too slow for whole generations) on one thread each, without a dashboard to start."""
+    """A local cluster whose workers run one thread each (TRITON_INTERPRET=0: what a user's cluster has), without
+    a dashboard to start."""
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"   # the raylet and so every worker inherit it, other jobs' too
     try:
@@ -49,10 +49,13 @@ def prompts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference(checkpoint, prompts) -> bytes:
-    """The single-process CLI's output file."""
+    """The single-process CLI's output file, on the kernels a CPU process picks by default (the native ones
+    where they build): the replicas, started from a driver on the default backend, must give these bits."""
+    from batchdecode import kernels
     from batchdecode.cli import main
+    from batchdecode.ray.replica import replica_backend
 
     out = prompts.parent / "reference.jsonl"
-    with fast_engine():
+    with fast_engine(), kernels.backend(replica_backend("auto", True, kernels.cpu_native.available)):
         assert main(cli_argv(checkpoint, prompts, out)) == 0
     return out.read_bytes()

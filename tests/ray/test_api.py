@@ -65,22 +65,34 @@ def test_a_bad_row_is_reported_with_its_id_and_costs_no_other_row(results):
     assert all(bad[f] is None for f in RESULT_FIELDS)
 
 
-def test_a_cpu_replica_runs_num_cpus_torch_threads_on_the_twins(checkpoint):
+def test_a_cpu_replica_runs_num_cpus_threads_on_the_kernels_one_process_would(checkpoint):
     import torch
 
+    from batchdecode import kernels
     from batchdecode.ray.replica import Replica
     from batchdecode.ray.rows import ColumnRows
 
     threads = torch.get_num_threads()
     try:
         replica = Replica(str(checkpoint), ColumnRows("prompt", "id", SamplingParams(max_tokens=2)), num_cpus=2,
-                          engine_kwargs=dict(device="cpu", max_num_seqs=2))
+                          engine_kwargs=dict(device="cpu", max_num_seqs=2), backend="auto")
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
-    assert replica.backend == "torch"   # even where TRITON_INTERPRET=1 would send CPU tensors to the interpreter
+    # the native kernels, as a CPU process's "auto" gives, even where TRITON_INTERPRET=1 (set by the tests'
+    # conftest) would send CPU tensors to the interpreter
+    assert replica.backend == ("native" if kernels.cpu_native.available() else "torch")
     out = replica(pa.table({"id": ["a"], "prompt": ["hello"]}))
     assert out.column("num_generated_tokens").to_pylist() == [2] and out.column("error").to_pylist() == [None]
+
+
+def test_a_replica_runs_the_drivers_backend():
+    from batchdecode.ray.replica import replica_backend
+
+    assert replica_backend("torch", True, lambda: True) == "torch"
+    assert replica_backend("native", True, lambda: True) == "native"
+    assert replica_backend("auto", True, lambda: False) == "torch"   # no C++ compiler: the twins, not Triton
+    assert replica_backend("auto", False, lambda: True) == "auto"    # a GPU replica: Triton
 
 
 def test_replicas_take_a_gpu_each_or_a_share_of_the_cpus():
