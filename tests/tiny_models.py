@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig,
-                          MixtralConfig, OlmoeConfig, Phi3Config, PretrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, Qwen3MoeConfig, SmolLM3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, GraniteConfig,
+                          GraniteMoeConfig, LlamaConfig, MistralConfig, MixtralConfig, OlmoeConfig, Phi3Config,
+                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config,
+                          Qwen3MoeConfig, SmolLM3Config)
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gemma2", "gemma3", "phi3", "smollm3", "qwen3_moe",
-                 "olmoe", "mixtral")
+                 "olmoe", "mixtral", "granite", "granitemoe")
 # Architectures added for issue 20, kept smaller still (head dim 16), with a sliding window of 8 tokens on their
 # local layers so that short tests run past it.
 WINDOW = 8
@@ -91,6 +92,15 @@ def tiny_config(arch: str) -> PretrainedConfig:
         return OlmoeConfig(**small, **experts, norm_topk_prob=False)
     if arch == "mixtral":
         return MixtralConfig(**small, num_experts_per_tok=2, num_local_experts=4, sliding_window=None)
+    # Granite 3.x's scalars, none of them neutral: the attention scale 0.1 (not 1/sqrt(16)), embeddings x 4,
+    # residual branches x 0.5, logits / 2. Untied (3.x ties them): random tied embeddings scaled up make every greedy
+    # token the same one, which would test nothing
+    granite = dict(embedding_multiplier=4.0, attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=2.0,
+                   tie_word_embeddings=False)
+    if arch == "granite":
+        return GraniteConfig(**small, **granite)
+    if arch == "granitemoe":  # top-2 of 4 experts: a softmax over the two largest router logits
+        return GraniteMoeConfig(**small, **granite, num_experts_per_tok=2, num_local_experts=4)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose from {ARCHITECTURES}")
 
 

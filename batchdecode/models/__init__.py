@@ -26,6 +26,8 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": Llama,
     "OlmoeForCausalLM": Llama,
     "MixtralForCausalLM": Llama,
+    "GraniteForCausalLM": Llama,
+    "GraniteMoeForCausalLM": Llama,   # not GraniteMoeShared (shared experts), which subclasses neither
     "GPT2LMHeadModel": GPT2,
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODEL_CLASSES)

@@ -1,13 +1,17 @@
-"""The Llama decoder family on paged KV caches: Llama 2/3 (and SmolLM2), Mistral, Qwen2, Qwen3, Phi-3/Phi-4, SmolLM3.
+"""The Llama decoder family on paged KV caches: Llama 2/3 (and SmolLM2), Mistral, Qwen2, Qwen3, Phi-3/Phi-4, SmolLM3,
+Granite 3.x.
 
 One module covers them because they differ only in switches the HF modules already carry: q/k/v (and o) biases
 (Qwen2, Llama's attention_bias), MLP biases (mlp_bias), per-head q/k RMSNorm before rope (Qwen3), tied
 embeddings, fused qkv and gate_up weights (Phi-3), layers without rope (SmolLM3's NoPE layers), sparse
-mixture-of-experts MLPs (Qwen3-MoE, OLMoE, Mixtral: moe.py), sliding windows
-(Mistral, Phi-3, Qwen2/SmolLM3's sliding layers), and the rope scaling and partial rotary inside the rotary module. The HF model's own submodules and Parameters are used
+mixture-of-experts MLPs (Qwen3-MoE, OLMoE, Mixtral, Granite-MoE: moe.py), sliding windows
+(Mistral, Phi-3, Qwen2/SmolLM3's sliding layers), Granite's four scalars (GraniteMultipliers), and the rope scaling
+and partial rotary inside the rotary module. The HF model's own submodules and Parameters are used
 in place, never copied; the attention, rope, KV-cache writes, norms and activation run in batchdecode.kernels.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -82,26 +86,50 @@ class LlamaMLP(nn.Module):
         return linear(kernels.silu_and_mul(gate_up), self.down_proj)
 
 
+@dataclass(frozen=True)
+class GraniteMultipliers:
+    """Granite 3.x's scalars (GraniteForCausalLM, GraniteMoeForCausalLM); the attention_multiplier is the HF
+    attention's own `scaling` already. Each is applied where transformers applies it, in the model dtype, element
+    by element (so row-wise): embeddings * embedding, residual + out * residual after attention and after the MLP,
+    logits / logits_scaling."""
+    embedding: float
+    residual: float
+    logits_scaling: float
+
+    @classmethod
+    def of(cls, config: PretrainedConfig) -> "GraniteMultipliers | None":
+        if config.model_type not in ("granite", "granitemoe"):
+            return None
+        return cls(config.embedding_multiplier, config.residual_multiplier, config.logits_scaling)
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, hf_layer: nn.Module, config: PretrainedConfig):
+    def __init__(self, hf_layer: nn.Module, config: PretrainedConfig, residual_multiplier: float | None = None):
         super().__init__()
         self.self_attn = LlamaAttention(hf_layer.self_attn, config)
-        self.mlp = SparseMoe(hf_layer.mlp) if hasattr(hf_layer.mlp, "experts") else LlamaMLP(hf_layer.mlp)
+        self.mlp = _mlp(hf_layer, config)
         self.input_layernorm = hf_layer.input_layernorm
         self.post_attention_layernorm = hf_layer.post_attention_layernorm
+        self.residual_multiplier = residual_multiplier
 
     def forward(self, hidden: Tensor, residual: Tensor | None, batch: ForwardBatch, kv_cache: KVCache,
                 cos_sin: Tensor) -> tuple[Tensor, Tensor]:
-        # The residual add is fused into each norm: residual_out = hidden + residual, normalised.
+        # The residual add is fused into each norm: residual_out = hidden + residual, normalised. Granite's
+        # residual + out * m keeps transformers' order: out * m rounded to the model dtype first, then the add
+        # (the norm adds in float32 and rounds once, which is the model-dtype add itself).
         x, residual = _rms_norm(hidden, self.input_layernorm, residual)
-        hidden = self.self_attn(x, batch, kv_cache, cos_sin)
+        hidden = self._scaled(self.self_attn(x, batch, kv_cache, cos_sin))
         x, residual = _rms_norm(hidden, self.post_attention_layernorm, residual)
-        return self.mlp(x), residual
+        return self._scaled(self.mlp(x)), residual
+
+    def _scaled(self, out: Tensor) -> Tensor:
+        return out if self.residual_multiplier is None else out * self.residual_multiplier
 
 
 class Llama(nn.Module):
-    """LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, SmolLM3ForCausalLM
-    and the mixtures of experts Qwen3MoeForCausalLM, OlmoeForCausalLM and MixtralForCausalLM on paged KV caches.
+    """LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, SmolLM3ForCausalLM,
+    GraniteForCausalLM and the mixtures of experts Qwen3MoeForCausalLM, OlmoeForCausalLM, MixtralForCausalLM and
+    GraniteMoeForCausalLM on paged KV caches.
 
     `max_position` is max_position_embeddings, capped at original_max_position_embeddings for longrope (see
     limits.py). Sliding windows run in the attention kernel, to any length.
@@ -113,7 +141,9 @@ class Llama(nn.Module):
         _check_supported(config)
         decoder = hf_model.model
         self.embed_tokens = decoder.embed_tokens
-        self.layers = nn.ModuleList(LlamaDecoderLayer(layer, config) for layer in decoder.layers)
+        self.granite = GraniteMultipliers.of(config)
+        residual_multiplier = self.granite.residual if self.granite is not None else None
+        self.layers = nn.ModuleList(LlamaDecoderLayer(layer, config, residual_multiplier) for layer in decoder.layers)
         self.norm = decoder.norm
         self.lm_head = hf_model.lm_head  # the embedding's own Parameter when tie_word_embeddings
         self.num_layers = len(self.layers)
@@ -131,12 +161,23 @@ class Llama(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> Tensor:
         assert len(kv_caches) == self.num_layers, f"{len(kv_caches)} KV caches for {self.num_layers} layers"
         hidden, residual = self.embed_tokens(batch.input_ids), None
+        if self.granite is not None:
+            hidden = hidden * self.granite.embedding
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(hidden, residual, batch, kv_cache, self.cos_sin)
         # Only the sampled rows need the final norm and the vocabulary projection.
         rows = batch.logits_indices
         hidden, _ = _rms_norm(hidden[rows], self.norm, residual[rows])
-        return linear(hidden, self.lm_head).float()
+        logits = linear(hidden, self.lm_head)
+        if self.granite is not None:
+            logits = logits / self.granite.logits_scaling
+        return logits.float()
+
+
+def _mlp(hf_layer: nn.Module, config: PretrainedConfig) -> nn.Module:
+    if config.model_type == "granitemoe":   # its block sits at block_sparse_moe, its router at .router
+        return SparseMoe(hf_layer.block_sparse_moe, softmax_of_top_k=True)
+    return SparseMoe(hf_layer.mlp) if hasattr(hf_layer.mlp, "experts") else LlamaMLP(hf_layer.mlp)
 
 
 def sliding_window(hf_attn: nn.Module, config: PretrainedConfig) -> int | None:

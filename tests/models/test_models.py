@@ -8,7 +8,8 @@ import torch
 from models.paged_steps import PagedSteps, hf_logits
 from safetensors.torch import load_file, save_file
 from tiny_models import VOCAB_SIZE, save_tiny_checkpoint, tiny_config
-from transformers import AutoModelForCausalLM, LlamaForSequenceClassification, OPTConfig, OPTForCausalLM
+from transformers import (AutoModelForCausalLM, GraniteMoeSharedConfig, GraniteMoeSharedForCausalLM,
+                          LlamaForSequenceClassification, OPTConfig, OPTForCausalLM)
 
 from batchdecode.models import SUPPORTED_ARCHITECTURES, load_model
 
@@ -48,6 +49,9 @@ VARIANTS = {
     "olmoe": ("olmoe", {}),
     "olmoe-clip-qkv": ("olmoe", {"clip_qkv": 0.5}),
     "mixtral": ("mixtral", {}),
+    "granite": ("granite", {}),  # embeddings x 4, attention scale 0.1, residual branches x 0.5, logits / 2
+    "granite-tied-biases": ("granite", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
+    "granitemoe": ("granitemoe", {}),  # as Granite, with a softmax over each token's top-2 router logits
 }
 
 
@@ -107,8 +111,9 @@ def test_only_selected_rows_get_logits(twins):
     assert steps.model(batch, [(k.clone(), v.clone()) for k, v in steps.kv_caches]).shape == (0, VOCAB_SIZE)
 
 
-# rope_and_store_kv / store_kv paths; Gemma 2's window and soft-cap and the MoE grouped matmul in the kernels
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "qwen3_moe"])
+# rope_and_store_kv / store_kv paths; Gemma 2's window and soft-cap and the MoE grouped matmul in the kernels;
+# Granite's scalars around the kernels
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "qwen3_moe", "granite", "granitemoe"])
 def test_triton_kernels_in_interpreter_match_transformers(arch):
     hf_model = make_hf(arch)
     model, _ = load_model(hf_model)
@@ -120,7 +125,7 @@ def test_triton_kernels_in_interpreter_match_transformers(arch):
     assert_steps_match_hf(hf_model, steps, outputs)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "qwen2", "gemma3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "qwen2", "gemma3", "phi3", "granitemoe"])
 def test_weights_are_used_in_place(arch):
     hf_model = make_hf(arch)
     model, config = load_model(hf_model)
@@ -185,6 +190,15 @@ def test_unsupported_architectures_are_named():
     assert all(name in str(info.value) for name in SUPPORTED_ARCHITECTURES)
     with pytest.raises(ValueError, match="LlamaForSequenceClassification"):
         load_model(LlamaForSequenceClassification(tiny_config("llama")))
+
+
+def test_granite_moe_with_shared_experts_is_refused_by_name():
+    """Granite-MoE's shared-experts variant is not served: named, never run as plain Granite-MoE."""
+    config = GraniteMoeSharedConfig(**{key: getattr(tiny_config("granitemoe"), key) for key in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "num_local_experts", "num_experts_per_tok")}, intermediate_size=32, shared_intermediate_size=32)
+    with pytest.raises(ValueError, match="unsupported architecture 'GraniteMoeSharedForCausalLM'"):
+        load_model(GraniteMoeSharedForCausalLM(config))
 
 
 def test_unsupported_folder_is_refused_before_loading_weights(tmp_path):

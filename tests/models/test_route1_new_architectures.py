@@ -12,7 +12,8 @@ PROMPTS = ["The capital of France is Paris. The capital of Italy is", "Hi", "def
 NEW_TOKENS = 10
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "phi3", "smollm3", "qwen3_moe", "olmoe", "mixtral"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "phi3", "smollm3", "qwen3_moe", "olmoe", "mixtral", "granite",
+                                  "granitemoe"])
 def test_left_padded_batch_equals_each_prompt_alone(twins, arch):
     model = tiny_model(arch)
     tok = tiny_tokenizer()
