@@ -8,15 +8,12 @@ safetensors folder. Cache: $BATCHDECODE_CACHE/gemma3-270m (default ~/.cache/batc
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
-from .smollm2 import _file_lock, _is_complete, _say, cache_root, convert_gguf
+from .smollm2 import _say, cached_checkpoint
 
 ALIAS = "gemma3-270m"
 VERSION = "1.0.0"
@@ -27,22 +24,7 @@ GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 def checkpoint_path(progress: bool = True) -> Path:
     """Folder of the converted Gemma 3 270M checkpoint; downloads and converts it on first use."""
-    final = cache_root() / ALIAS
-    if _is_complete(final):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.parent / f".{ALIAS}.lock"):
-        if _is_complete(final):
-            return final
-        with tempfile.TemporaryDirectory(prefix=f".{ALIAS}-", dir=final.parent) as work:
-            gguf_path = fetch_gguf(Path(work), progress)
-            staged = Path(work) / "checkpoint"
-            convert_gguf(gguf_path, staged, progress=progress)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(staged, final)
-    _say(progress, f"batchdecode: {ALIAS} ready at {final}")
-    return final
+    return cached_checkpoint(ALIAS, fetch_gguf, progress)
 
 
 def fetch_gguf(work_dir: Path, progress: bool = True) -> Path:

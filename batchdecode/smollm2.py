@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,16 +31,22 @@ def cache_root() -> Path:
 
 def checkpoint_path(progress: bool = True) -> Path:
     """Folder of the converted SmolLM2-135M-Instruct checkpoint; downloads and converts it on first use."""
-    final = cache_root() / ALIAS
+    return cached_checkpoint(ALIAS, fetch_gguf, progress)
+
+
+def cached_checkpoint(alias: str, fetch: Callable[[Path, bool], Path], progress: bool) -> Path:
+    """$BATCHDECODE_CACHE/<alias>: on first use, `fetch(work_dir, progress)` puts the GGUF file in a work folder
+    and it is converted to a safetensors checkpoint there, then moved into place."""
+    final = cache_root() / alias
     if _is_complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     # Parallel test workers (or two CLI runs) share one conversion instead of racing.
-    with _file_lock(final.parent / f".{ALIAS}.lock"):
+    with _file_lock(final.parent / f".{alias}.lock"):
         if _is_complete(final):
             return final
-        with tempfile.TemporaryDirectory(prefix=f".{ALIAS}-", dir=final.parent) as work:
-            gguf_path = fetch_gguf(Path(work), progress)
+        with tempfile.TemporaryDirectory(prefix=f".{alias}-", dir=final.parent) as work:
+            gguf_path = fetch(Path(work), progress)
             staged = Path(work) / "checkpoint"
             convert_gguf(gguf_path, staged, progress=progress)
             # A half-written folder is never visible under the final name: an interrupted run leaves only
@@ -47,7 +54,7 @@ def checkpoint_path(progress: bool = True) -> Path:
             if final.exists():
                 shutil.rmtree(final)
             os.rename(staged, final)
-    _say(progress, f"batchdecode: {ALIAS} ready at {final}")
+    _say(progress, f"batchdecode: {alias} ready at {final}")
     return final
 
 
