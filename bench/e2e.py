@@ -146,13 +146,20 @@ def no_prefix_cache() -> dict:
     return {"enable_prefix_caching": False} if accepts_prefix_caching() else {}
 
 
-def run_batchdecode(model, work: Workload) -> Run:
-    from batchdecode import LLM, SamplingParams
+def workload_llm(model, prompts: list[list[int]], max_tokens: int, **options):
+    """An LLM whose KV pool and context are sized to the workload, as a user who knows it would size them (CUDA
+    graphs are captured here): every request's pages, an eighth more, and 64 pages of slack."""
+    from batchdecode import LLM
+    from batchdecode.intake import request_pages
     block_size = 16
-    pages = sum(-(-(len(p) + work.max_tokens) // block_size) for p in work.prompts)
-    # KV pool and context sized to the workload, as a user who knows it would (CUDA graphs are captured here)
-    llm = LLM(model, dtype=model.dtype, block_size=block_size, max_num_seqs=256, num_kv_blocks=pages + pages // 8 + 64,
-              max_model_len=max(len(p) for p in work.prompts) + work.max_tokens, **no_prefix_cache())
+    pages = sum(request_pages(len(p), max_tokens, block_size) for p in prompts)
+    return LLM(model, dtype=model.dtype, block_size=block_size, max_num_seqs=256, num_kv_blocks=pages + pages // 8 + 64,
+               max_model_len=max(len(p) for p in prompts) + max_tokens, **options)
+
+
+def run_batchdecode(model, work: Workload) -> Run:
+    from batchdecode import SamplingParams
+    llm = workload_llm(model, work.prompts, work.max_tokens, **no_prefix_cache())
     requests = [{"prompt_token_ids": p} for p in work.prompts]
     # warm-up: every prompt once with two new tokens compiles each kernel variant the timed run will use
     llm.generate(requests, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
@@ -420,13 +427,10 @@ def prefix_workload(vocab: int, quick: bool) -> PrefixWorkload:
 
 def run_prefix(model, work: PrefixWorkload, caching: bool | None) -> dict:
     """One timed generate of the shared-prefix workload; caching None: an LLM without the switch."""
-    from batchdecode import LLM, SamplingParams
-    block_size = 16
+    from batchdecode import SamplingParams
     prompts = work.prompts
-    pages = sum(-(-(len(p) + work.max_tokens) // block_size) for p in prompts)
     switch = {} if caching is None else {"enable_prefix_caching": caching}
-    llm = LLM(model, dtype=model.dtype, block_size=block_size, max_num_seqs=256, num_kv_blocks=pages + pages // 8 + 64,
-              max_model_len=max(len(p) for p in prompts) + work.max_tokens, **switch)
+    llm = workload_llm(model, prompts, work.max_tokens, **switch)
     computed = {"prefill": 0, "decode": 0}
     engine_step = llm.step
 

@@ -217,9 +217,10 @@ def make_way(way: str, prompt: list[int], new_tokens: int, vocab: int, chunk: in
         # neighbours admitted first whose prompts nearly fill a page: the pool holds exactly everyone's first
         # pages, so the first neighbour to cross a page, two or three decode steps in, preempts the request (the
         # newest row); it is recomputed (prompt and generated tokens as one prompt) once pages are free again
+        from batchdecode.intake import pages_for
         before = prompts(3, block_size - 2, block_size - 2)
-        pages = sum(-(-(len(p) + 1) // block_size) for p in before + [prompt])
-        pages = max(pages, -(-(len(prompt) + new_tokens) // block_size) + 1)
+        pages = sum(pages_for(len(p) + 1, block_size) for p in before + [prompt])
+        pages = max(pages, pages_for(len(prompt) + new_tokens, block_size) + 1)
         return Way(way, {"block_size": block_size, "num_kv_blocks": pages}, before, [], 2 * block_size)
     if way == "prefix":
         return Way(way, {"enable_prefix_caching": True}, prompts(1, 20, 60), [], new_tokens, warm_prefix=True)
