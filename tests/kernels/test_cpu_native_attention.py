@@ -4,65 +4,18 @@ runs; and a query's bits alone, beside neighbours, in any chunk of its prompt an
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import pytest
 import torch
 from error_bounds import assert_within_bound
 
 from batchdecode import kernels
 from batchdecode.kernels import cpu_native, reference
+from batchdecode.kernels.testing import PagedRow as Row
+from batchdecode.kernels.testing import paged_batch, random_row
 
 ISAS = cpu_native.supported_isas()
 pytestmark = pytest.mark.skipif(not ISAS or not cpu_native.available(), reason="no native CPU build on this machine")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@dataclass(frozen=True)
-class Row:
-    """One request: its queries and the K/V of its visible slots kv_start .. kv_len - 1."""
-    q: torch.Tensor  # [q_len, H, D]
-    k: torch.Tensor  # [kv_len - kv_start, KVH, D]
-    v: torch.Tensor
-    kv_start: int = 0
-
-    @property
-    def kv_len(self) -> int:
-        return self.kv_start + self.k.shape[0]
-
-
-def random_row(q_len: int, kv_len: int, kv_start: int, heads: int, kv_heads: int, head_dim: int, dtype) -> Row:
-    visible = kv_len - kv_start
-    return Row(torch.randn(q_len, heads, head_dim).to(dtype), torch.randn(visible, kv_heads, head_dim).to(dtype),
-               torch.randn(visible, kv_heads, head_dim).to(dtype), kv_start)
-
-
-def paged_batch(rows: list[Row], block_size: int, seed: int = 0) -> dict:
-    """paged_attention's arguments for rows on shuffled pages; every slot the call must not read is NaN, and
-    block-table entries outside a row's pages point at NaN pages or at no page at all."""
-    gen = torch.Generator().manual_seed(seed)
-    first = [row.kv_start // block_size for row in rows]
-    end = [math.ceil(row.kv_len / block_size) for row in rows]
-    needed = sum(e - f for f, e in zip(first, end))
-    physical = torch.randperm(needed + 3, generator=gen).to(torch.int32)
-    _, kv_heads, head_dim = rows[0].k.shape
-    k_cache = torch.full((needed + 3, block_size, kv_heads, head_dim), float("nan")).to(rows[0].q.dtype)
-    v_cache = k_cache.clone()
-    junk = torch.tensor([*physical[needed:].tolist(), -1, needed + 1000], dtype=torch.int32)
-    block_table = junk[torch.randint(len(junk), (len(rows), max(end) + 1), generator=gen)]
-    taken = 0
-    for s, (row, f, e) in enumerate(zip(rows, first, end)):
-        block_table[s, f:e] = physical[taken:taken + e - f]
-        taken += e - f
-        slots = torch.arange(row.kv_start, row.kv_len)
-        pages, offsets = block_table[s, slots // block_size].long(), slots % block_size
-        k_cache[pages, offsets], v_cache[pages, offsets] = row.k, row.v
-    q_lens = torch.tensor([row.q.shape[0] for row in rows])
-    return dict(q=torch.cat([row.q for row in rows]), k_cache=k_cache, v_cache=v_cache, block_table=block_table,
-                cu_q_lens=torch.cat([torch.zeros(1), q_lens.cumsum(0)]).to(torch.int32),
-                kv_lens=torch.tensor([row.kv_len for row in rows], dtype=torch.int32),
-                kv_start=torch.tensor([row.kv_start for row in rows], dtype=torch.int32))
 
 
 def rows_for(head_dim: int, dtype: torch.dtype, heads: int = 6, kv_heads: int = 2):
