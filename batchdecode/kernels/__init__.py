@@ -7,9 +7,10 @@ Triton kernels run in Triton's interpreter.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -24,7 +25,7 @@ except ImportError:  # no triton on this platform (it ships for Linux only): the
 if HAVE_TRITON:  # outside the try, so that a broken kernel module fails loudly instead of falling back
     from . import triton_activation, triton_attention, triton_matmul, triton_moe, triton_rms_norm, triton_rope_kv
 
-__all__ = ["linear", "grouped_linear", "paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul",
+__all__ = ["linear", "fused_linear", "grouped_linear", "paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul",
            "reference", "backend", "current_backend", "batch_invariant", "use_triton"]
 
 BACKENDS = ("auto", "triton", "native", "torch")
@@ -99,6 +100,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
     impl = triton_matmul.linear if use_triton(x) else _cpu(x).linear
     return impl(x, weight, bias)
+
+
+def fused_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> Tensor:
+    """The projections of one input side by side (q/k/v, gate/up): cat([linear(x, w, b) ...], -1), every element
+    with the bits of its own linear. The native CPU kernels run it as one call over one packed weight (fewer,
+    larger calls; the HF weights stay as they are); the other backends call linear per weight."""
+    for w, b in zip(weights, biases, strict=True):
+        checks.check_linear(x, w, b)
+    # A missing bias is not a zero one to the bit (-0.0 + 0.0 is +0.0), so only all-or-none biases fuse.
+    same_biases = all(b is None for b in biases) or all(b is not None for b in biases)
+    if _invariant_linear and not use_triton(x) and _cpu(x) is cpu_native and same_biases:
+        return cpu_native.fused_linear(x, tuple(weights), tuple(biases))
+    return torch.cat([linear(x, w, b) for w, b in zip(weights, biases)], dim=-1)
 
 
 def grouped_linear(x: Tensor, weight: Tensor, rows: Tensor, group_offsets: Tensor) -> Tensor:

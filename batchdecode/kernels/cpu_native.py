@@ -9,6 +9,7 @@ Every function has its twin's signature and semantics; float64 (the test oracle'
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import warnings
@@ -39,14 +40,15 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 512  # the attention kernel's register budget (kernels.h); larger head dims take the twin
 
 
-def cpu_flags() -> set[str]:
+@functools.cache  # every kernel call asks which build to run: read /proc/cpuinfo once
+def cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def supported_isas() -> list[str]:
@@ -115,12 +117,12 @@ def available() -> bool:
         return False
 
 
-# ---- linear: weights packed once, cached on the weight
+# ---- linear: weights packed once, cached on the weights
 
 @dataclass
 class _PackedWeight:
-    owner: weakref.ref      # the tensor that owns the weight's memory (a view's base)
-    version: int | None     # its in-place version counter when packed: an in-place update repacks
+    owners: tuple[weakref.ref, ...]     # the tensors that own the weights' memory (a view's base)
+    versions: tuple[int | None, ...]    # their in-place version counters when packed: an in-place update repacks
     packed: Tensor
 
 
@@ -134,19 +136,28 @@ def _version(t: Tensor) -> int | None:
         return None
 
 
-def packed_weight(weight: Tensor, isa: str | None = None) -> Tensor:
-    """The weight packed into the micro-kernel's panels, made on first use and kept while the weight lives."""
+def _owner(weight: Tensor) -> Tensor:
+    return weight if weight._base is None else weight._base
+
+
+def packed_weight(weights: Tensor | tuple[Tensor, ...], isa: str | None = None) -> Tensor:
+    """The weight (or several of one K, stacked along N as one weight) packed into the micro-kernel's panels,
+    made on first use and kept while the weights live."""
+    weights = (weights,) if isinstance(weights, Tensor) else tuple(weights)
     ext = extension(isa)
-    owner = weight if weight._base is None else weight._base
-    key = (isa, id(owner), weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
+    owners = tuple(_owner(w) for w in weights)
+    key = (isa, *((id(o), w.data_ptr(), tuple(w.shape), w.stride(), w.dtype) for o, w in zip(owners, weights)))
+    versions = tuple(_version(o) for o in owners)
     entry = _packed.get(key)
-    if entry is not None and entry.owner() is owner and entry.version == _version(owner):
+    if entry is not None and all(r() is o for r, o in zip(entry.owners, owners)) and entry.versions == versions:
         return entry.packed
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # a copy only until packed
     packed = torch.empty(ext.packed_weight_bytes(weight.shape[0], weight.shape[1], weight.dtype), dtype=torch.uint8)
     ext.pack_weight(weight.detach(), packed)
     if entry is None:
-        weakref.finalize(owner, _packed.pop, key, None)
-    _packed[key] = _PackedWeight(weakref.ref(owner), _version(owner), packed)
+        for owner in owners:
+            weakref.finalize(owner, _packed.pop, key, None)
+    _packed[key] = _PackedWeight(tuple(weakref.ref(o) for o in owners), versions, packed)
     return packed
 
 
@@ -154,9 +165,24 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, isa: str | 
     """x [M, K] @ weight [N, K].T (+ bias): every output element accumulates K in one fixed order, whatever M."""
     if x.dtype not in DTYPES:
         return reference.linear(x, weight, bias)
+    return _linear(x, weight, weight.shape[0], bias, isa)
+
+
+def fused_linear(x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...], *,
+                 isa: str | None = None) -> Tensor:
+    """cat([linear(x, w, b) for w, b in zip(weights, biases)], -1) as one call over one packed weight. Every
+    element is computed by the same code as in its own linear (one accumulator over K in order, the bias added
+    last), so its bits are those of linear(x, w, b). Biases all given or all None."""
+    if x.dtype not in DTYPES:
+        return torch.cat([reference.linear(x, w, b) for w, b in zip(weights, biases)], dim=-1)
+    bias = None if biases[0] is None else torch.cat(biases)
+    return _linear(x, tuple(weights), sum(w.shape[0] for w in weights), bias, isa)
+
+
+def _linear(x: Tensor, weights, n: int, bias: Tensor | None, isa: str | None) -> Tensor:
     x = x if x.stride(-1) == 1 else x.contiguous()
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-    extension(isa).linear(x.detach(), packed_weight(weight, isa), None if bias is None else bias.detach().contiguous(),
+    out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    extension(isa).linear(x.detach(), packed_weight(weights, isa), None if bias is None else bias.detach().contiguous(),
                           out)
     return out
 

@@ -19,7 +19,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from batchdecode import kernels
 from batchdecode.batch import ForwardBatch
 
-from .layers import KVCache, gelu_tanh_and_mul, kv_window, linear, soft_cap
+from .layers import KVCache, fused_linear, gelu_tanh_and_mul, kv_window, linear, soft_cap
 from .limits import context_limit
 from .rotary import build_cos_sin_cache, layer_type_rotary
 
@@ -40,9 +40,12 @@ class GemmaAttention(nn.Module):
 
     def forward(self, x: Tensor, batch: ForwardBatch, kv_cache: KVCache, cos_sin: Tensor) -> Tensor:
         num_tokens = x.shape[0]
-        q = linear(x, self.q_proj).view(num_tokens, self.num_heads, self.head_dim)
-        k = linear(x, self.k_proj).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = linear(x, self.v_proj).view(num_tokens, self.num_kv_heads, self.head_dim)
+        kv_width = self.num_kv_heads * self.head_dim
+        q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj)).split(
+            [self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q = gemma_rms_norm(q.reshape(-1, self.head_dim), self.q_norm)[0].view(q.shape)
             k = gemma_rms_norm(k.reshape(-1, self.head_dim), self.k_norm)[0].view(k.shape)
@@ -70,7 +73,7 @@ class GemmaDecoderLayer(nn.Module):
         x, residual = gemma_rms_norm(hidden, self.input_layernorm, residual)
         attn, _ = gemma_rms_norm(self.self_attn(x, batch, kv_cache, cos_sin), self.post_attention_layernorm)
         x, residual = gemma_rms_norm(attn, self.pre_feedforward_layernorm, residual)
-        gate_up = torch.cat((linear(x, self.gate_proj), linear(x, self.up_proj)), dim=-1)
+        gate_up = fused_linear(x, (self.gate_proj, self.up_proj))
         mlp = linear(gelu_tanh_and_mul(gate_up), self.down_proj)
         return gemma_rms_norm(mlp, self.post_feedforward_layernorm)[0], residual
 

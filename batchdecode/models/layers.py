@@ -23,6 +23,14 @@ def linear(x: Tensor, layer: nn.Module) -> Tensor:
     return layer(x)
 
 
+def fused_linear(x: Tensor, layers: tuple[nn.Module, ...]) -> Tensor:
+    """cat([linear(x, layer) for layer in layers], -1) for projections of one input (q/k/v, gate/up): one kernel
+    call where they are all plain nn.Linear, each element's bits those of its own projection."""
+    if all(type(layer) is nn.Linear for layer in layers):
+        return kernels.fused_linear(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
+    return torch.cat([linear(x, layer) for layer in layers], dim=-1)
+
+
 def kv_window(windows: list[int | None]) -> int | None:
     """How far back any layer can look when every layer slides: the widest window; None when some layer attends
     to everything (then no page can be given back before its row ends)."""

@@ -20,7 +20,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from batchdecode import kernels
 from batchdecode.batch import ForwardBatch
 
-from .layers import KVCache, kv_window, linear
+from .layers import KVCache, fused_linear, kv_window, linear
 from .limits import context_limit
 from .moe import SparseMoe
 from .rotary import build_cos_sin_cache
@@ -64,10 +64,10 @@ class LlamaAttention(nn.Module):
         return linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj)
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if self.qkv_proj is None:
-            return linear(x, self.q_proj), linear(x, self.k_proj), linear(x, self.v_proj)
+        qkv = linear(x, self.qkv_proj) if self.qkv_proj is not None else fused_linear(x, (self.q_proj, self.k_proj,
+                                                                                          self.v_proj))
         kv_width = self.num_kv_heads * self.head_dim
-        return linear(x, self.qkv_proj).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        return qkv.split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
 
 
 class LlamaMLP(nn.Module):
@@ -82,7 +82,7 @@ class LlamaMLP(nn.Module):
         if self.gate_up_proj is not None:
             gate_up = linear(x, self.gate_up_proj)
         else:
-            gate_up = torch.cat((linear(x, self.gate_proj), linear(x, self.up_proj)), dim=-1)
+            gate_up = fused_linear(x, (self.gate_proj, self.up_proj))
         return linear(kernels.silu_and_mul(gate_up), self.down_proj)
 
 

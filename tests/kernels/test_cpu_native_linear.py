@@ -77,3 +77,39 @@ def test_dispatch_takes_the_native_kernel_after_the_checks():
         assert torch.equal(kernels.linear(x, w, b), cpu_native.linear(x, w, b))
         with pytest.raises(ValueError, match="linear: x must be"):
             kernels.linear(torch.randn(3, 31), w, b)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_has_the_bits_of_each_linear(isa, dtype, bias, nan_outputs):
+    """q/k/v (or gate/up) in one call over one packed weight: every element as in its own projection's call,
+    widths that do not fill a panel included."""
+    parts = [weights(n, 96, dtype, bias) for n in (72, 24, 24)]
+    x = torch.randn(19, 96).to(dtype)
+    fused = cpu_native.fused_linear(x, tuple(w for w, _ in parts), tuple(b for _, b in parts), isa=isa)
+    assert torch.equal(fused, torch.cat([cpu_native.linear(x, w, b, isa=isa) for w, b in parts], dim=-1))
+    with kernels.backend("native"):  # the dispatcher, and a row alone against the batch
+        assert torch.equal(kernels.fused_linear(x[4:5], [w for w, _ in parts], [b for _, b in parts]), fused[4:5])
+
+
+def test_fused_linear_repacks_when_one_weight_changes():
+    (wq, _), (wk, _) = weights(32, 16, torch.float32, False), weights(16, 16, torch.float32, False)
+    x = torch.randn(3, 16)
+    before = cpu_native.fused_linear(x, (wq, wk), (None, None))
+    wk.mul_(2)
+    after = cpu_native.fused_linear(x, (wq, wk), (None, None))
+    assert torch.equal(after[:, :32], before[:, :32]) and torch.equal(after[:, 32:], 2 * before[:, 32:])
+
+
+def test_fused_linear_on_the_twins_and_with_mixed_biases():
+    """Where the native call does not serve (the twins; a bias on some projections only, since a missing bias is
+    not +0.0 to the bit), each projection runs on its own linear."""
+    (wq, bq), (wk, _) = weights(32, 16, torch.float32), weights(16, 16, torch.float32)
+    x = torch.randn(3, 16)
+    for name in ("torch", "native"):
+        with kernels.backend(name):
+            expected = torch.cat([kernels.linear(x, wq, bq), kernels.linear(x, wk)], dim=-1)
+            assert torch.equal(kernels.fused_linear(x, [wq, wk], [bq, None]), expected)
+            assert torch.equal(kernels.fused_linear(x, [wq, wk], [None, None]),
+                               torch.cat([kernels.linear(x, wq), kernels.linear(x, wk)], dim=-1))
