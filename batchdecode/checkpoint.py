@@ -5,12 +5,15 @@ dtype, shape and byte range. Two uses:
 - `check_against_config`: config.json must describe the weights it sits beside. A config with more layers than
   the weights (num_hidden_layers: 1000000 beside 2 layers) would otherwise allocate for minutes before failing,
   and another width would fail as "truncated or corrupt". The model is built on the meta device (no memory) and
-  each tensor's shape compared with the header's.
+  each tensor's shape compared with the header's, under the model's names and under the checkpoint's (transformers
+  5 fuses a mixture's per-expert tensors into one [experts, ...] tensor when it loads, and splits them when it
+  saves). A mismatch names the config.json fields that size it.
 - `fingerprint`: what identifies the weights for a resumed run, cheaply: every config/tokenizer file whole, and
   of each .safetensors file its size, modification time, header and a few sampled blocks of its data.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -63,18 +66,53 @@ def check_against_config(folder: Path, config) -> None:
     for name, shape in _meta_shapes(config).items():
         found, file = shapes.get(name, (None, None))
         if found is not None and list(found) != shape:
+            fields = _fields_sizing(config, name, shape, list(found))
+            check = f": check {' or '.join(fields)}" if fields else ""
             raise ValueError(f"{folder}: {name} is {list(found)} in {file}, but config.json makes it {shape} "
-                             "(the config does not describe these weights)")
+                             f"(the config does not describe these weights{check})")
 
 
 def _meta_shapes(config) -> dict[str, list[int]]:
-    """Every tensor's shape in the model config.json describes, without allocating it."""
+    """Every tensor's shape in the model config.json describes, under the model's names and under the names
+    save_pretrained writes (a checkpoint may hold either), without allocating it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    state = model.state_dict()
+    return {name: list(tensor.shape) for name, tensor in {**state, **_as_saved(model, state)}.items()}
+
+
+def _as_saved(model, state: dict) -> dict:
+    """The state dict under the checkpoint's names and layout: e.g. a mixture's experts.gate_up_proj
+    [experts, 2 * I, H] as experts.<e>.gate_proj.weight and experts.<e>.up_proj.weight [I, H]. Meta tensors go
+    through transformers' own reversal."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 keeps the checkpoint's names and layout
+        return {}
+    return revert_weight_conversion(model, dict(state))
+
+
+def _fields_sizing(config, name: str, shape: list[int], found: list[int]) -> list[str]:
+    """The config.json fields that size tensor `name` where the config's `shape` and the file's `found` differ:
+    each whole-number field doubled in turn, the model rebuilt on the meta device. Runs only to explain a
+    mismatch: about 0.2 s a field for a 48-layer, 128-expert config."""
+    dims = [d for d in range(len(shape)) if len(found) != len(shape) or shape[d] != found[d]]
+    fields = []
+    for field, value in config.to_dict().items():
+        if type(value) is not int or value < 1:
+            continue
+        trial = copy.deepcopy(config)
+        try:
+            setattr(trial, field, 2 * value)
+            changed = _meta_shapes(trial).get(name)
+        except Exception:  # noqa: BLE001 - a doubled value the config or the model refuses says nothing here
+            continue
+        if changed is not None and any(changed[d] != shape[d] for d in dims):
+            fields.append(field)
+    return fields
 
 
 def fingerprint(folder: Path) -> str:

@@ -14,6 +14,8 @@ The mask function `padding_mask` runs once per forward and gives every layer one
   giving each query a sequence of its own that lists the slots it sees. Its block table holds q * kv entries per
   (row, head), so it suits decoding and short prompts better than long prefills.
 
+Gemma 2's attention logit soft-capping (the `softcap` keyword its layers pass) is applied by the kernel.
+
 Everything is built with tensor ops from host-known shapes, so the attention function runs under torch.compile
 (fullgraph included) without a host sync; there the kernel is one opaque custom op.
 
@@ -102,8 +104,9 @@ def batchdecode_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     _check_call(query, key, attention_mask, dropout, kwargs)
     pages = _pages_for(attention_mask, query.shape, key.shape, query.device)
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    softcap = kwargs.get("softcap")  # Gemma 2's attention logit soft-capping, applied by the kernel
     out = _attend(pages.pack_queries(query), pages.view(key), pages.view(value), pages.block_table,
-                  pages.cu_q_lens, pages.kv_lens, scale)
+                  pages.cu_q_lens, pages.kv_lens, scale, None if softcap is None else float(softcap))
     return pages.unpack_output(out, query.shape), None
 
 
@@ -111,8 +114,8 @@ def _check_call(query: Tensor, key: Tensor, attention_mask: Tensor | None, dropo
     """Refusals from host-known shapes only (they cost nothing under torch.compile)."""
     if dropout:
         raise ValueError("attn_implementation='batchdecode' is for inference: put the model in eval() mode")
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        raise ValueError("attn_implementation='batchdecode' has no logit soft-capping or attention sinks")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise ValueError("attn_implementation='batchdecode' has no attention sinks")
     batch, num_heads, q_len, _ = query.shape
     if num_heads % key.shape[1]:
         raise ValueError(f"{num_heads} query heads do not group over {key.shape[1]} KV heads")
@@ -175,24 +178,24 @@ def _build_pages(mask: Tensor, query_shape: torch.Size, key_shape: torch.Size) -
 
 @torch.library.custom_op("batchdecode::paged_attention", mutates_args=())
 def _paged_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cu_q_lens: Tensor,
-                        kv_lens: Tensor, scale: float) -> Tensor:
+                        kv_lens: Tensor, scale: float, softcap: float | None) -> Tensor:
     from . import kernels
 
-    return kernels.paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale=scale)
+    return kernels.paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale=scale, softcap=softcap)
 
 
 @_paged_attention_op.register_fake
-def _(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale):
+def _(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale, softcap):
     return torch.empty_like(q)
 
 
-def _attend(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale: float) -> Tensor:
+def _attend(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale: float, softcap: float | None) -> Tensor:
     """The custom op under torch.compile; in eager mode the plain call (a custom op's dispatch costs time)."""
     if torch.compiler.is_compiling():
-        return _paged_attention_op(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale)
+        return _paged_attention_op(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale, softcap)
     from . import kernels
 
-    return kernels.paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale=scale)
+    return kernels.paged_attention(q, k_cache, v_cache, block_table, cu_q_lens, kv_lens, scale=scale, softcap=softcap)
 
 
 def _view_as_pages(cache: Tensor) -> Tensor:

@@ -119,7 +119,7 @@ def grouped_linear(x: Tensor, weight: Tensor, rows: Tensor, group_offsets: Tenso
     """Mixture-of-experts matmul: out[p] = x[rows[p]] @ weight[g].T for group g's rows (group_offsets[g] ..
     group_offsets[g+1] - 1); each row's bits independent of how many rows its group holds. See reference."""
     checks.check_grouped_linear(x, weight, rows, group_offsets)
-    impl = triton_moe.grouped_linear if use_triton(x) else reference.grouped_linear
+    impl = triton_moe.grouped_linear if use_triton(x) else _cpu(x).grouped_linear
     return impl(x, weight, rows, group_offsets)
 
 

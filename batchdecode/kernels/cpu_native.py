@@ -187,6 +187,23 @@ def _linear(x: Tensor, weights, n: int, bias: Tensor | None, isa: str | None) ->
     return out
 
 
+def grouped_linear(x: Tensor, weight: Tensor, rows: Tensor, group_offsets: Tensor, *,
+                   isa: str | None = None) -> Tensor:
+    """The twin's mixture-of-experts matmul: out[p] = x[rows[p]] @ weight[g].T for group g's rows p. Each non-empty
+    group is one native linear, whose rows do not depend on how many rows it gets; each expert's weight[g] (a view
+    of the [G, N, K] parameter) is packed once and cached on that parameter, as linear's weights are."""
+    if x.dtype not in DTYPES:
+        return reference.grouped_linear(x, weight, rows, group_offsets)
+    ext = extension(isa)
+    gathered = x.detach().index_select(0, rows.long())  # every group's rows, gathered once, each group contiguous
+    out = torch.empty(rows.shape[0], weight.shape[1], dtype=x.dtype)
+    bounds = group_offsets.tolist()
+    for g, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        if hi > lo:  # an expert no token picked is neither packed nor called
+            ext.linear(gathered[lo:hi], packed_weight(weight[g], isa), None, out[lo:hi])
+    return out
+
+
 # ---- attention and the row-wise kernels
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cu_q_lens: Tensor,

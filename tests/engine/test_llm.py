@@ -3,12 +3,14 @@ batching/preemption/chunking invariance, page accounting, sampling and stopping 
 import dataclasses
 import functools
 import inspect
+import json
 import math
 import threading
 
 import pytest
 import torch
 from tiny_models import ARCHITECTURES, save_tiny_checkpoint, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
 
 from batchdecode.engine_config import EngineConfig
 from batchdecode.llm import LLM
@@ -354,6 +356,32 @@ def test_settings_are_checked_by_name_and_type():
 def test_cuda_on_a_machine_without_it_is_a_clear_error():
     with pytest.raises(ValueError, match="device='cuda', but torch finds no CUDA device"):
         LLM(model("llama"), device="cuda")
+
+
+@pytest.mark.parametrize("arch, change, mismatch", [
+    ("qwen3_moe", {"moe_intermediate_size": 48}, "mlp.experts.0.down_proj.weight is [64, 32] in model.safetensors, "
+                                                 "but config.json makes it [64, 48]"),
+    ("qwen3_moe", {"num_local_experts": 8}, "mlp.gate.weight is [4, 64] in model.safetensors, but config.json makes "
+                                            "it [8, 64]"),
+    ("olmoe", {"num_experts": 2}, "mlp.gate.weight is [4, 64] in model.safetensors, but config.json makes it [2, 64]"),
+    ("mixtral", {"intermediate_size": 96}, "experts.0.w2.weight is [64, 128] in model.safetensors, but config.json "
+                                           "makes it [64, 96]"),
+    ("granitemoe", {"num_local_experts": 8}, "output_linear.weight is [4, 64, 128] in model.safetensors, but "
+                                             "config.json makes it [8, 64, 128]"),
+])
+def test_a_config_whose_experts_do_not_match_the_weights_names_the_field(tmp_path, monkeypatch, arch, change,
+                                                                         mismatch):
+    """transformers fuses each layer's experts into one tensor when it loads and splits them when it saves, so the
+    names in the file are not the model's: such a mismatch was once reported as a truncated or corrupt file."""
+    path = save_tiny_checkpoint(arch, tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **change}))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(ValueError) as error:
+        LLM(str(path))
+    [field] = change
+    message = str(error.value)
+    assert mismatch in message and message.endswith(f"check {field})") and "\n" not in message, message
 
 
 def test_the_config_holds_every_setting_resolved():

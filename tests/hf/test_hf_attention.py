@@ -11,7 +11,7 @@ import torch
 
 import batchdecode.kernels
 from batchdecode import hf_attention
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import WINDOW, tiny_model, tiny_tokenizer
 
 PROMPTS = ["The capital of France is", "Hi", "def add(a, b):\n    return a", "Once upon a time there"]
 
@@ -37,8 +37,8 @@ def _generate(model, impl, enc, **kwargs):
     return model.generate(**enc, do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs)
 
 
-def _assert_same_generation(model, enc, max_new_tokens=8, **kwargs):
-    want = _generate(model, "sdpa", enc, max_new_tokens=max_new_tokens, **kwargs)
+def _assert_same_generation(model, enc, max_new_tokens=8, against="sdpa", **kwargs):
+    want = _generate(model, against, enc, max_new_tokens=max_new_tokens, **kwargs)
     got = _generate(model, "batchdecode", enc, max_new_tokens=max_new_tokens, **kwargs)
     assert torch.equal(got.sequences, want.sequences)
     # every step's logits, prefill (last position) and decode
@@ -54,6 +54,23 @@ def test_left_padded_generate_under_inference_mode_matches_sdpa(twin, arch):
     assert not enc["attention_mask"].all()  # the batch really is padded
     with torch.inference_mode():
         _assert_same_generation(model, enc)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_local_and_global_layers_match_eager(twin, arch):
+    """Gemma 2's attention soft-capping goes to the kernel, and both Gemmas' local layers (a window of 8, which
+    these prompts outgrow) take the dense mask. Gemma 2 has no sdpa (it cannot soft-cap), so eager is the
+    reference; dropping the cap leaves these tokens unchanged but moves the logits by about 0.09."""
+    model = tiny_model(arch)
+    enc = _batch(PROMPTS)
+    assert enc["input_ids"].shape[1] > WINDOW
+    _assert_same_generation(model, enc, max_new_tokens=12, against="eager")
+
+
+def test_attention_sinks_raise(twin):
+    query, key = torch.randn(1, 4, 3, 64), torch.randn(1, 2, 3, 64)
+    with pytest.raises(ValueError, match="sinks"):
+        hf_attention.batchdecode_attention(None, query, key, key, None, sinks=torch.zeros(4))
 
 
 def test_left_padded_generate_outside_inference_mode_matches_sdpa(twin):
@@ -229,7 +246,7 @@ def test_a_float_4d_mask_with_a_bias_raises(twin):
         model(input_ids=torch.tensor([[11, 12, 13, 14]]), attention_mask=bias, use_cache=False)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])  # gemma2: the custom op carries the soft-cap
 def test_compiled_forward_in_generate_equals_eager(twin, arch):
     """transformers' test_generate_compile_model_forward_fullgraph: generate with a static cache compiles the
     forward (fullgraph, no dynamic shapes); two batches of one shape give eager's tokens without a recompile.

@@ -1,6 +1,7 @@
 """Whole generations on the native CPU kernels: a request's token ids and logprobs are bitwise the same alone,
 beside neighbours, and with its prompt prefilled in chunks of 7 (tests/engine/test_invariance.py runs every
-architecture on the twins; this runs Llama on the native kernels, in fp32 and bf16)."""
+architecture on the twins; this runs Llama and the mixtures of experts, whose expert matmuls are the native
+grouped_linear, on the native kernels, in fp32 and bf16)."""
 from __future__ import annotations
 
 import pytest
@@ -27,8 +28,9 @@ def generate(model, prompts: list[list[int]], at: int, **engine) -> tuple[list[i
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_request_is_bitwise_the_same_alone_and_in_a_batch(dtype):
-    model = tiny_model("llama", dtype=dtype)
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "olmoe", "mixtral", "granitemoe"])
+def test_request_is_bitwise_the_same_alone_and_in_a_batch(arch, dtype):
+    model = tiny_model(arch, dtype=dtype)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(5, 500, (int(torch.randint(1, 40, (), generator=g)),), generator=g).tolist()
                for _ in range(7)]

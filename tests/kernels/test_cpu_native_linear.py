@@ -1,7 +1,9 @@
-"""The native CPU linear (batchdecode/kernels/cpu/linear.cpp) against float64, on every ISA build this CPU runs.
+"""The native CPU linear (batchdecode/kernels/cpu/linear.cpp), and the mixture-of-experts grouped_linear made of
+one native linear per expert, against float64, on every ISA build this CPU runs.
 
 Each output element accumulates K in one fixed order whatever M is, so every row of every M equals the row
-computed alone, to the bit. Outputs start as NaN (nan_outputs), so an element never written shows.
+computed alone, to the bit, and a routed token's row does not depend on how many tokens share its expert.
+Outputs start as NaN (nan_outputs), so an element never written shows.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from error_bounds import assert_within_bound
 
 from batchdecode import kernels
-from batchdecode.kernels import cpu_native
+from batchdecode.kernels import cpu_native, reference
 
 ISAS = cpu_native.supported_isas()
 pytestmark = pytest.mark.skipif(not ISAS or not cpu_native.available(), reason="no native CPU build on this machine")
@@ -113,3 +115,79 @@ def test_fused_linear_on_the_twins_and_with_mixed_biases():
             assert torch.equal(kernels.fused_linear(x, [wq, wk], [bq, None]), expected)
             assert torch.equal(kernels.fused_linear(x, [wq, wk], [None, None]),
                                torch.cat([kernels.linear(x, wq), kernels.linear(x, wk)], dim=-1))
+
+
+# ---- grouped_linear: the mixture-of-experts matmul
+
+def experts(num_experts: int, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """An expert parameter as the MoE block holds it: [experts, N, K], each expert's weight a view of it."""
+    return torch.nn.Parameter((torch.randn(num_experts, n, k) / k**0.5).to(dtype), requires_grad=False)
+
+
+def groups(sizes: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, group_offsets): group g holds sizes[g] random tokens (a token may sit in several groups, as top-k
+    routing puts it)."""
+    offsets = torch.tensor([0] + sizes).cumsum(0).to(torch.int32)
+    return torch.randint(num_tokens, (int(offsets[-1]),), dtype=torch.int32), offsets
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grouped_linear_within_bound_of_float64(isa, dtype, nan_outputs):
+    """Experts with no token, one and several; N and K off the micro-kernel's tiles."""
+    w = experts(6, 40, 72, dtype)
+    x = torch.randn(19, 72).to(dtype)
+    rows, offsets = groups([3, 0, 1, 17, 0, 9], len(x))
+    out = cpu_native.grouped_linear(x, w, rows, offsets, isa=isa)
+    exact = reference.grouped_linear(x.double(), w.double(), rows, offsets)
+    bounds = offsets.tolist()
+    in_dtype = torch.cat([F.linear(x[rows[lo:hi].long()].float(), w[g].float())
+                          for g, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]).to(dtype)
+    assert_within_bound(out, exact, in_dtype, f"grouped_linear {isa} {dtype}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_token_does_not_depend_on_how_many_tokens_share_its_expert(isa, dtype, threads):
+    """The target alone in expert 1, then among 1..64 other tokens at every kind of place: the bits of the native
+    linear of that token and expert alone."""
+    w = experts(3, 1100, 200, dtype)  # N large enough to take the thread pool for one row
+    others, target = torch.randn(64, 200).to(dtype), torch.randn(1, 200).to(dtype)
+    alone = cpu_native.linear(target, w[1], isa=isa)
+    for count in (1, 7, 8, 9, 64):
+        x = torch.cat([others[:count], target])
+        for at in (0, count // 2, count):
+            expert_rows = list(range(count))
+            expert_rows.insert(at, count)
+            rows = torch.tensor([0] + expert_rows + [1], dtype=torch.int32)  # 1 pair for expert 0, count + 1, 1
+            offsets = torch.tensor([0, 1, count + 2, count + 3], dtype=torch.int32)
+            out = cpu_native.grouped_linear(x, w, rows, offsets, isa=isa)
+            assert torch.equal(out[1 + at], alone[0]), f"{count} tokens beside it (at {at}) change its bits"
+
+
+def test_grouped_linear_packs_each_expert_once(monkeypatch):
+    """weight[g] is a new view at every call: the packed panels are found on the expert parameter, made once per
+    expert that gets a token, and made again only after an in-place update."""
+    ext = cpu_native.extension()
+    packs, pack = [], ext.pack_weight
+    monkeypatch.setattr(ext, "pack_weight", lambda weight, out: (packs.append(weight.data_ptr()), pack(weight, out)))
+    w = experts(4, 24, 32, torch.float32)
+    x = torch.randn(5, 32)
+    rows, offsets = groups([2, 0, 3, 1], len(x))
+    first = cpu_native.grouped_linear(x, w, rows, offsets)
+    assert sorted(packs) == sorted(w[g].data_ptr() for g in (0, 2, 3))
+    assert torch.equal(cpu_native.grouped_linear(x, w, rows, offsets), first) and len(packs) == 3
+    cpu_native.grouped_linear(x, w, *groups([0, 4, 0, 0], len(x)))  # expert 1's first token
+    assert len(packs) == 4
+    w.mul_(2)
+    assert torch.equal(cpu_native.grouped_linear(x, w, rows, offsets), 2 * first) and len(packs) == 7
+
+
+def test_grouped_linear_dispatch_takes_the_native_kernel_after_the_checks():
+    w = experts(3, 16, 32, torch.float32)
+    x = torch.randn(4, 32)
+    rows, offsets = groups([1, 0, 5], len(x))
+    with kernels.backend("native"):
+        assert torch.equal(kernels.grouped_linear(x, w, rows, offsets), cpu_native.grouped_linear(x, w, rows, offsets))
+        with pytest.raises(ValueError, match="group_offsets"):
+            kernels.grouped_linear(x, w, rows, offsets[:3])
