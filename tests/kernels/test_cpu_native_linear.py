@@ -191,3 +191,16 @@ def test_grouped_linear_dispatch_takes_the_native_kernel_after_the_checks():
         assert torch.equal(kernels.grouped_linear(x, w, rows, offsets), cpu_native.grouped_linear(x, w, rows, offsets))
         with pytest.raises(ValueError, match="group_offsets"):
             kernels.grouped_linear(x, w, rows, offsets[:3])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [16448, 16400], ids=["rows aligned", "rows unaligned"])
+def test_a_vocabulary_wide_output_streams_the_same_values(isa, n, nan_outputs):
+    """fp32 outputs of 16384 columns or more are written with non-temporal stores where a row is aligned
+    (linear.cpp): the same values, each row's bits its own."""
+    w, b = weights(n, 40, torch.float32)
+    x = torch.randn(13, 40)
+    out = cpu_native.linear(x, w, b, isa=isa)
+    exact = F.linear(x.double(), w.double(), b.double())
+    assert_within_bound(out, exact, F.linear(x, w, b), f"linear {isa} {n} columns")
+    assert torch.equal(out[7:8], cpu_native.linear(x[7:8], w, b, isa=isa))

@@ -69,6 +69,16 @@ void pack_pairs(const void* weight, int64_t stride_n, int64_t stride_k, int64_t 
         }
 }
 
+// A wide fp32 output (a vocabulary's logits) is written with non-temporal stores: its rows lie a large
+// power-of-two multiple apart (49152 floats = 3 x 64 KiB), so a tile's rows all map to one cache set, and
+// each store would read its line from memory first only to have it evicted by the next row's. Measured on the
+// lm_head of SmolLM2 at M = 64, one thread: 91 -> 181 GFLOP/s. The values stored are the same.
+constexpr int64_t STREAM_COLUMNS = 16384;
+
+bool streams(const float* dst, int64_t n, int64_t cols) {
+  return n >= STREAM_COLUMNS && cols == NR && reinterpret_cast<uintptr_t>(dst) % (VL * sizeof(float)) == 0;
+}
+
 // rows r of out[row0.., p*NR..] = acc + bias, rounded once to T
 template <int ROWS, typename T>
 void store_tile(vf (&acc)[MR][2], const float* bias, T* out, int64_t n, int64_t col0) {
@@ -81,6 +91,13 @@ void store_tile(vf (&acc)[MR][2], const float* bias, T* out, int64_t n, int64_t 
   for (int r = 0; r < ROWS; ++r) {
     T* dst = out + r * n + col0;
     vf lo = bias ? vadd(acc[r][0], b0) : acc[r][0], hi = bias ? vadd(acc[r][1], b1) : acc[r][1];
+    if constexpr (std::is_same_v<T, float>) {
+      if (streams(dst, n, cols)) {
+        stream(dst, lo);
+        stream(dst + VL, hi);
+        continue;
+      }
+    }
     if (cols == NR) {
       store(dst, lo);
       store(dst + VL, hi);
@@ -161,6 +178,7 @@ void gemm(const TX* x, int64_t lda, const TW* packed, int64_t panel_k, const flo
       dispatch_rows(rows, x + row * lda, lda, panel, panel_k, bias, out + row * n, n, p * NR,
                     std::make_integer_sequence<int, MR>{});
     }
+    _mm_sfence();  // the task's non-temporal stores are visible before it counts as done
   });
 }
 

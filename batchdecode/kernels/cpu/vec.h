@@ -36,6 +36,7 @@ inline vf load(const bf16* p) {
 }
 inline vf load(const fp16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline void stream(float* p, vf v) { _mm512_stream_ps(p, v); }  // p aligned to the vector
 inline void store(fp16* p, vf v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -86,6 +87,7 @@ inline vf load(const bf16* p) {
 }
 inline vf load(const fp16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline void stream(float* p, vf v) { _mm256_stream_ps(p, v); }  // p aligned to the vector
 inline void store(fp16* p, vf v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
