@@ -32,10 +32,12 @@ struct SoftmaxState {  // one split's (or the fold's) running max, sum and weigh
 };
 
 struct Scratch {  // one thread's buffers, reused across its tasks
-  std::vector<float> q, scores;
+  std::vector<float> q, dots, scores;
+  std::vector<int64_t> rows, next_rows;  // the cache rows of this tile's slots and of the next tile's
   SoftmaxState split, total;
   Scratch(int64_t heads, int64_t dim)
-      : q(heads * padded(dim)), scores(heads * TILE), split(heads, padded(dim)), total(heads, padded(dim)) {}
+      : q(heads * padded(dim)), dots(heads * TILE * VL), scores(heads * TILE), rows(TILE), next_rows(TILE),
+        split(heads, padded(dim)), total(heads, padded(dim)) {}
 };
 
 struct Query {
@@ -51,32 +53,49 @@ void load_query(const PagedAttentionArgs& a, const Query& query, int64_t heads, 
     for (int64_t i = 0; i < dim; i += VL) store(q + g * dim_p + i, load_n(src + g * dim + i, dim - i));
 }
 
-// slot -> its row in the cache (element offset of [page, offset, kv_head, 0])
-inline int64_t slot_offset(const PagedAttentionArgs& a, const Query& query, int64_t slot) {
-  int64_t page = query.pages[slot / a.block_size];
-  return ((page * a.block_size + slot % a.block_size) * a.num_kv_heads + query.kv_head) * a.head_dim;
+// rows[i] = the element offset of slot first + i's [page, offset, kv_head, 0] in the cache, for i < n: one page
+// lookup per page, not a division per slot
+void tile_rows(const PagedAttentionArgs& a, const Query& query, int64_t first, int64_t n, int64_t* rows) {
+  int64_t page = first / a.block_size, offset = first % a.block_size;
+  int64_t base = int64_t(query.pages[page]) * a.block_size;
+  for (int64_t i = 0; i < n; ++i) {
+    rows[i] = ((base + offset) * a.num_kv_heads + query.kv_head) * a.head_dim;
+    if (++offset == a.block_size && i + 1 < n) {
+      offset = 0;
+      base = int64_t(query.pages[++page]) * a.block_size;
+    }
+  }
 }
 
-// scores[g * TILE + i] = q_g . k_slot(i) * scale for the tile's n slots
 template <typename T>
-void tile_scores(const PagedAttentionArgs& a, const Query& query, int64_t heads, const float* q, int64_t first,
-                 int64_t n, float* scores) {
+void prefetch_rows(const T* cache, const int64_t* rows, int64_t n, int64_t dim) {
+  for (int64_t i = 0; i < n; ++i) prefetch_bytes(cache + rows[i], dim * int64_t(sizeof(T)));
+}
+
+// scores[g * TILE + i] = q_g . k_slot(i) * scale for the tile's n slots; each dot product's partial sums are
+// kept as a vector and VL of them reduced together (hsum_lanes), with hsum's bits
+template <typename T>
+void tile_scores(const PagedAttentionArgs& a, int64_t heads, const float* q, const int64_t* rows, int64_t n,
+                 float* dots, float* scores) {
   const T* k_cache = static_cast<const T*>(a.k_cache);
   const int64_t dim = a.head_dim, dim_p = padded(dim), vectors = dim_p / VL;
   vf k[MAX_VECTORS];
   for (int64_t i = 0; i < n; ++i) {
-    const T* key = k_cache + slot_offset(a, query, first + i);
+    const T* key = k_cache + rows[i];
     for (int64_t j = 0; j < vectors; ++j) k[j] = load_n(key + j * VL, dim - j * VL);
     for (int64_t g = 0; g < heads; ++g) {
       vf dot = vzero();
       for (int64_t j = 0; j < vectors; ++j) dot = vfma(load(q + g * dim_p + j * VL), k[j], dot);
-      scores[g * TILE + i] = hsum(dot) * a.scale;
+      store(dots + (g * TILE + i) * VL, dot);
     }
   }
+  const int64_t used = (n + VL - 1) / VL * VL;  // whole groups of VL slots; the tail's lanes are masked below
   for (int64_t g = 0; g < heads; ++g) {
     float* s = scores + g * TILE;
+    for (int64_t i = n; i < used; ++i) store(dots + (g * TILE + i) * VL, vzero());
+    for (int64_t i = 0; i < used; i += VL) store(s + i, vmul(hsum_lanes(dots + (g * TILE + i) * VL), vset1(a.scale)));
     if (a.softcap > 0)  // Gemma 2: softcap * tanh(score / softcap)
-      for (int64_t i = 0; i < TILE; i += VL)
+      for (int64_t i = 0; i < used; i += VL)
         store(s + i, vmul(vtanh(vdiv(load(s + i), vset1(a.softcap))), vset1(a.softcap)));
     for (int64_t i = n; i < TILE; ++i) s[i] = -std::numeric_limits<float>::infinity();
   }
@@ -86,9 +105,9 @@ void tile_scores(const PagedAttentionArgs& a, const Query& query, int64_t heads,
 void tile_softmax(int64_t heads, int64_t dim, float* scores, SoftmaxState& state) {
   for (int64_t g = 0; g < heads; ++g) {
     float* s = scores + g * TILE;
-    float tile_max = s[0];
-    for (int64_t i = 1; i < TILE; ++i) tile_max = std::max(tile_max, s[i]);
-    float new_max = std::max(state.max[g], tile_max);
+    vf highest = load(s);
+    for (int64_t i = VL; i < TILE; i += VL) highest = vmax(highest, load(s + i));
+    float new_max = std::max(state.max[g], hmax(highest));  // a max is exact in any order
     float alpha = exp_scalar(state.max[g] - new_max);
     vf total = vzero();
     for (int64_t i = 0; i < TILE; i += VL) {
@@ -103,19 +122,35 @@ void tile_softmax(int64_t heads, int64_t dim, float* scores, SoftmaxState& state
   }
 }
 
+// acc[j] += w[i] * value_i[j] over the tile's slots in order, for C of a head's vectors (j0 ..), held in
+// registers across the slots
+template <int C, typename T>
+void accumulate(const T* v_cache, const int64_t* rows, int64_t n, const float* w, int64_t j0, int64_t dim,
+                float* acc) {
+  vf sum[C];
+  for (int c = 0; c < C; ++c) sum[c] = load(acc + (j0 + c) * VL);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* value = v_cache + rows[i];
+    vf weight = vset1(w[i]);
+    for (int c = 0; c < C; ++c) sum[c] = vfma(weight, load_n(value + (j0 + c) * VL, dim - (j0 + c) * VL), sum[c]);
+  }
+  for (int c = 0; c < C; ++c) store(acc + (j0 + c) * VL, sum[c]);
+}
+
 template <typename T>
-void tile_values(const PagedAttentionArgs& a, const Query& query, int64_t heads, int64_t first, int64_t n,
-                 const float* weights, SoftmaxState& state) {
+void tile_values(const PagedAttentionArgs& a, int64_t heads, const int64_t* rows, int64_t n, const float* weights,
+                 SoftmaxState& state) {
   const T* v_cache = static_cast<const T*>(a.v_cache);
   const int64_t dim = a.head_dim, dim_p = padded(dim), vectors = dim_p / VL;
-  vf v[MAX_VECTORS];
-  for (int64_t i = 0; i < n; ++i) {
-    const T* value = v_cache + slot_offset(a, query, first + i);
-    for (int64_t j = 0; j < vectors; ++j) v[j] = load_n(value + j * VL, dim - j * VL);
-    for (int64_t g = 0; g < heads; ++g) {
-      vf w = vset1(weights[g * TILE + i]);
-      float* acc = state.acc.data() + g * dim_p;
-      for (int64_t j = 0; j < vectors; ++j) store(acc + j * VL, vfma(w, v[j], load(acc + j * VL)));
+  for (int64_t g = 0; g < heads; ++g) {
+    const float* w = weights + g * TILE;
+    float* acc = state.acc.data() + g * dim_p;
+    int64_t j = 0;
+    for (; j + 4 <= vectors; j += 4) accumulate<4>(v_cache, rows, n, w, j, dim, acc);
+    switch (vectors - j) {
+      case 3: accumulate<3>(v_cache, rows, n, w, j, dim, acc); break;
+      case 2: accumulate<2>(v_cache, rows, n, w, j, dim, acc); break;
+      case 1: accumulate<1>(v_cache, rows, n, w, j, dim, acc); break;
     }
   }
 }
@@ -150,9 +185,16 @@ void attend(const PagedAttentionArgs& a, const Query& query, Scratch& s) {
     s.split.reset();
     for (int64_t tile = begin; tile < end; tile += TILE) {
       int64_t n = std::min<int64_t>(TILE, end - tile);
-      tile_scores<T>(a, query, heads, s.q.data(), tile, n, s.scores.data());
+      tile_rows(a, query, tile, n, s.rows.data());
+      prefetch_rows(static_cast<const T*>(a.v_cache), s.rows.data(), n, dim);  // read after the scores
+      if (tile + TILE < end) {  // the next tile's keys load while this tile computes
+        int64_t next = std::min<int64_t>(TILE, end - tile - TILE);
+        tile_rows(a, query, tile + TILE, next, s.next_rows.data());
+        prefetch_rows(static_cast<const T*>(a.k_cache), s.next_rows.data(), next, dim);
+      }
+      tile_scores<T>(a, heads, s.q.data(), s.rows.data(), n, s.dots.data(), s.scores.data());
       tile_softmax(heads, dim_p, s.scores.data(), s.split);
-      tile_values<T>(a, query, heads, tile, n, s.scores.data(), s.split);
+      tile_values<T>(a, heads, s.rows.data(), n, s.scores.data(), s.split);
     }
     if (begin == query.first_slot) std::swap(s.total, s.split);  // the first split is the fold's start
     else fold(heads, dim_p, s.split, s.total);

@@ -111,6 +111,45 @@ inline vf vpow2i(vf n) {
 }
 #endif
 
+// r[i] = hsum(x[i * VL .. i * VL + VL - 1]) for i < VL: VL sums in one transposing pass instead of VL
+// horizontal reductions. Each sum takes hsum's own association (lanes j and j + VL/2 first, then j + VL/4, ...;
+// float addition commutes exactly), so a lane holds hsum's bits whichever slot of r it lands in.
+#if defined(__AVX512F__)
+inline vf hsum_lanes(const float* x) {
+  vf b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i) {
+    vf lo = load(x + i * VL), hi = load(x + (i + 8) * VL);
+    b[i] = vadd(_mm512_shuffle_f32x4(lo, hi, 0x44), _mm512_shuffle_f32x4(lo, hi, 0xEE));  // j + 8
+  }
+  for (int i = 0; i < 4; ++i)
+    c[i] = vadd(_mm512_shuffle_f32x4(b[i], b[i + 4], 0x88), _mm512_shuffle_f32x4(b[i], b[i + 4], 0xDD));  // j + 4
+  for (int i = 0; i < 2; ++i)
+    d[i] = vadd(_mm512_shuffle_ps(c[i], c[i + 2], 0x44), _mm512_shuffle_ps(c[i], c[i + 2], 0xEE));  // j + 2
+  vf r = vadd(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));  // j + 1
+  // the passes leave sum i at lane {0,2,1,3, 8,10,9,11, 4,6,5,7, 12,14,13,15}[i]
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), r);
+}
+#else
+inline vf hsum_lanes(const float* x) {
+  vf b[4], c[2];
+  for (int i = 0; i < 4; ++i) {
+    vf lo = load(x + i * VL), hi = load(x + (i + 4) * VL);
+    b[i] = vadd(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));  // j + 4
+  }
+  for (int i = 0; i < 2; ++i)
+    c[i] = vadd(_mm256_shuffle_ps(b[i], b[i + 2], 0x44), _mm256_shuffle_ps(b[i], b[i + 2], 0xEE));  // j + 2
+  vf r = vadd(_mm256_shuffle_ps(c[0], c[1], 0x88), _mm256_shuffle_ps(c[0], c[1], 0xDD));  // j + 1
+  // the passes leave sum i at lane {0,2,1,3, 4,6,5,7}[i]
+  return _mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 2, 1, 3, 4, 6, 5, 7));
+}
+#endif
+
+// bring bytes from p into L1 ahead of their use (the paged cache's rows are scattered: no hardware prefetcher
+// follows them)
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(static_cast<const char*>(p) + b, _MM_HINT_T0);
+}
+
 // n < VL elements through a zero-padded buffer, so a tail takes the same vector code as the body
 template <typename T>
 inline vf load_partial(const T* p, int n) {
