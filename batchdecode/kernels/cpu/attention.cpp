@@ -82,7 +82,10 @@ void tile_scores(const PagedAttentionArgs& a, int64_t heads, const float* q, con
   vf k[MAX_VECTORS];
   for (int64_t i = 0; i < n; ++i) {
     const T* key = k_cache + rows[i];
-    for (int64_t j = 0; j < vectors; ++j) k[j] = load_n(key + j * VL, dim - j * VL);
+    if (dim == dim_p)
+      for (int64_t j = 0; j < vectors; ++j) k[j] = load(key + j * VL);
+    else
+      for (int64_t j = 0; j < vectors; ++j) k[j] = load_n(key + j * VL, dim - j * VL);
     for (int64_t g = 0; g < heads; ++g) {
       vf dot = vzero();
       for (int64_t j = 0; j < vectors; ++j) dot = vfma(load(q + g * dim_p + j * VL), k[j], dot);
@@ -129,10 +132,18 @@ void accumulate(const T* v_cache, const int64_t* rows, int64_t n, const float* w
                 float* acc) {
   vf sum[C];
   for (int c = 0; c < C; ++c) sum[c] = load(acc + (j0 + c) * VL);
-  for (int64_t i = 0; i < n; ++i) {
-    const T* value = v_cache + rows[i];
-    vf weight = vset1(w[i]);
-    for (int c = 0; c < C; ++c) sum[c] = vfma(weight, load_n(value + (j0 + c) * VL, dim - (j0 + c) * VL), sum[c]);
+  if ((j0 + C) * VL <= dim) {  // whole vectors: plain loads (load_n's tail path would keep sum[] off registers)
+    for (int64_t i = 0; i < n; ++i) {
+      const T* value = v_cache + rows[i] + j0 * VL;
+      vf weight = vset1(w[i]);
+      for (int c = 0; c < C; ++c) sum[c] = vfma(weight, load(value + c * VL), sum[c]);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const T* value = v_cache + rows[i];
+      vf weight = vset1(w[i]);
+      for (int c = 0; c < C; ++c) sum[c] = vfma(weight, load_n(value + (j0 + c) * VL, dim - (j0 + c) * VL), sum[c]);
+    }
   }
   for (int c = 0; c < C; ++c) store(acc + (j0 + c) * VL, sum[c]);
 }
