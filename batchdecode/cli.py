@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     defaults = EngineConfig()   # the engine's defaults, written once there
     engine.add_argument("--max-num-seqs", type=_positive_int, default=defaults.max_num_seqs)
-    engine.add_argument("--max-num-batched-tokens", type=_positive_int, default=defaults.max_num_batched_tokens)
+    engine.add_argument("--max-num-batched-tokens", type=_positive_int, default=defaults.max_num_batched_tokens,
+                        help="tokens in one step; default: 8192 on CUDA, 2048 on CPU")
     engine.add_argument("--block-size", type=_positive_int, default=defaults.block_size)
     engine.add_argument("--max-model-len", type=_positive_int, default=None)
     scale = gen.add_argument_group('scale-out on a Ray cluster (pip install "batchdecode[ray]")')

@@ -51,7 +51,8 @@ def add_parser(commands) -> None:
     score.add_argument("--device", default=None)
     defaults = EngineConfig()
     score.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
-    score.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
+    score.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
+                       help="tokens in one step; default: 8192 on CUDA, 2048 on CPU")
     score.add_argument("--no-progress", action="store_true")
 
 
