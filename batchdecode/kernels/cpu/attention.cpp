@@ -33,10 +33,10 @@ struct SoftmaxState {  // one split's (or the fold's) running max, sum and weigh
 
 struct Scratch {  // one thread's buffers, reused across its tasks
   std::vector<float> q, dots, scores;
-  std::vector<int64_t> rows, next_rows;  // the cache rows of this tile's slots and of the next tile's
+  std::vector<int64_t> rows, ahead;  // the cache rows of this tile's slots, and of the tile prefetched
   SoftmaxState split, total;
   Scratch(int64_t heads, int64_t dim)
-      : q(heads * padded(dim)), dots(heads * TILE * VL), scores(heads * TILE), rows(TILE), next_rows(TILE),
+      : q(heads * padded(dim)), dots(heads * TILE * VL), scores(heads * TILE), rows(TILE), ahead(TILE),
         split(heads, padded(dim)), total(heads, padded(dim)) {}
 };
 
@@ -67,9 +67,28 @@ void tile_rows(const PagedAttentionArgs& a, const Query& query, int64_t first, i
   }
 }
 
+// start loading the K and V rows of slots first .. first + n - 1 (rows: scratch for their offsets)
 template <typename T>
-void prefetch_rows(const T* cache, const int64_t* rows, int64_t n, int64_t dim) {
-  for (int64_t i = 0; i < n; ++i) prefetch_bytes(cache + rows[i], dim * int64_t(sizeof(T)));
+void prefetch_tile(const PagedAttentionArgs& a, const Query& query, int64_t first, int64_t n, int64_t* rows) {
+  tile_rows(a, query, first, n, rows);
+  const int64_t bytes = a.head_dim * int64_t(sizeof(T));
+  for (int64_t i = 0; i < n; ++i) {
+    prefetch_bytes(static_cast<const T*>(a.k_cache) + rows[i], bytes);
+    prefetch_bytes(static_cast<const T*>(a.v_cache) + rows[i], bytes);
+  }
+}
+
+// the first split of the query's range, counted from kv_start
+int64_t first_split(const Query& query) {
+  return query.kv_start + (query.first_slot - query.kv_start) / KV_SPLIT * KV_SPLIT;
+}
+
+// start loading the query's first tile (called a task ahead: a decode query's ~100 slots are only a few tiles)
+template <typename T>
+void prefetch_first_tile(const PagedAttentionArgs& a, const Query& query, int64_t* rows) {
+  if (query.end_slot <= query.first_slot) return;
+  int64_t n = std::min({TILE, query.end_slot - query.first_slot, first_split(query) + KV_SPLIT - query.first_slot});
+  prefetch_tile<T>(a, query, query.first_slot, n, rows);
 }
 
 // scores[g * TILE + i] = q_g . k_slot(i) * scale for the tile's n slots; each dot product's partial sums are
@@ -190,19 +209,14 @@ void attend(const PagedAttentionArgs& a, const Query& query, Scratch& s) {
   }
   load_query<T>(a, query, heads, s.q.data());
   s.total.reset();
-  int64_t split = query.kv_start + (query.first_slot - query.kv_start) / KV_SPLIT * KV_SPLIT;
-  for (; split < query.end_slot; split += KV_SPLIT) {
+  for (int64_t split = first_split(query); split < query.end_slot; split += KV_SPLIT) {
     int64_t begin = std::max(query.first_slot, split), end = std::min(query.end_slot, split + KV_SPLIT);
     s.split.reset();
     for (int64_t tile = begin; tile < end; tile += TILE) {
       int64_t n = std::min<int64_t>(TILE, end - tile);
       tile_rows(a, query, tile, n, s.rows.data());
-      prefetch_rows(static_cast<const T*>(a.v_cache), s.rows.data(), n, dim);  // read after the scores
-      if (tile + TILE < end) {  // the next tile's keys load while this tile computes
-        int64_t next = std::min<int64_t>(TILE, end - tile - TILE);
-        tile_rows(a, query, tile + TILE, next, s.next_rows.data());
-        prefetch_rows(static_cast<const T*>(a.k_cache), s.next_rows.data(), next, dim);
-      }
+      if (tile + TILE < end)  // the next tile loads while this one computes
+        prefetch_tile<T>(a, query, tile + TILE, std::min<int64_t>(TILE, end - tile - TILE), s.ahead.data());
       tile_scores<T>(a, heads, s.q.data(), s.rows.data(), n, s.dots.data(), s.scores.data());
       tile_softmax(heads, dim_p, s.scores.data(), s.split);
       tile_values<T>(a, heads, s.rows.data(), n, s.scores.data(), s.split);
@@ -215,6 +229,21 @@ void attend(const PagedAttentionArgs& a, const Query& query, Scratch& s) {
     for (int64_t j = 0; j < dim; j += VL)
       store_n(out + g * dim + j, vdiv(load(s.total.acc.data() + g * dim_p + j), sum), dim - j);
   }
+}
+
+// task -> its query: token task / num_kv_heads, with that token's row's slots
+Query make_query(const PagedAttentionArgs& a, const std::vector<int64_t>& row_of, int64_t task) {
+  int64_t token = task / a.num_kv_heads, row = row_of[token];
+  Query query{token, task % a.num_kv_heads, 0, 0, 0, nullptr};
+  if (row >= 0) {
+    int64_t q_len = a.cu_q_lens[row + 1] - a.cu_q_lens[row];
+    int64_t own = a.kv_lens[row] - q_len + (token - a.cu_q_lens[row]);
+    query.kv_start = a.kv_start ? a.kv_start[row] : 0;
+    query.first_slot = a.window > 0 ? std::max(query.kv_start, own - a.window + 1) : query.kv_start;
+    query.end_slot = own + 1;
+    query.pages = a.block_table + row * a.block_table_stride;
+  }
+  return query;
 }
 
 template <typename T>
@@ -237,17 +266,8 @@ void run(const PagedAttentionArgs& a) {
       scratch_heads = heads;
       scratch_dim = a.head_dim;
     }
-    int64_t token = task / a.num_kv_heads, row = row_of[token];
-    Query query{token, task % a.num_kv_heads, 0, 0, 0, nullptr};
-    if (row >= 0) {
-      int64_t q_len = a.cu_q_lens[row + 1] - a.cu_q_lens[row];
-      int64_t own = a.kv_lens[row] - q_len + (token - a.cu_q_lens[row]);
-      query.kv_start = a.kv_start ? a.kv_start[row] : 0;
-      query.first_slot = a.window > 0 ? std::max(query.kv_start, own - a.window + 1) : query.kv_start;
-      query.end_slot = own + 1;
-      query.pages = a.block_table + row * a.block_table_stride;
-    }
-    attend<T>(a, query, *scratch);
+    if (task + 1 < tasks) prefetch_first_tile<T>(a, make_query(a, row_of, task + 1), scratch->ahead.data());
+    attend<T>(a, make_query(a, row_of, task), *scratch);
   });
 }
 
