@@ -26,7 +26,10 @@ constexpr int MR = 12;  // rows per micro-kernel: 2 x MR accumulators + 2 panel 
 #else
 constexpr int MR = 6;  // 12 accumulators + 2 + 1 <= 16 registers
 #endif
-constexpr int64_t ROW_BLOCK = 8 * MR;  // rows a task takes, so that x's block and one panel stay in L2
+constexpr int64_t ROW_BLOCK = 8 * MR;
+// The first rows' pass over a panel prefetches this many k rows ahead (4 KB of fp32 panel): the hardware's stream
+// prefetcher stops at every 4 KB page
+constexpr int64_t PREFETCH_K = 32;  // rows a task takes, so that x's block and one panel stay in L2
 
 #if defined(__AVX512BF16__)
 constexpr bool PAIRED_BF16 = true;
@@ -112,9 +115,10 @@ void store_tile(vf (&acc)[MR][2], const float* bias, T* out, int64_t n, int64_t 
 
 // ROWS rows of fp32 x (stride lda) against one panel of TW weights (fp32, or bf16/fp16 widened in registers)
 template <int ROWS, typename TW>
-void micro(const float* x, int64_t lda, const TW* panel, int64_t k, vf (&acc)[MR][2]) {
+void micro(const float* x, int64_t lda, const TW* panel, int64_t k, bool first, vf (&acc)[MR][2]) {
   for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = vzero();
   for (int64_t kk = 0; kk < k; ++kk) {
+    if (first) prefetch_bytes(panel + (kk + PREFETCH_K) * NR, NR * int64_t(sizeof(TW)));
     vf w0 = load(panel + kk * NR), w1 = load(panel + kk * NR + VL);
 #pragma GCC unroll 12
     for (int r = 0; r < ROWS; ++r) {
@@ -128,9 +132,10 @@ void micro(const float* x, int64_t lda, const TW* panel, int64_t k, vf (&acc)[MR
 #if defined(__AVX512BF16__)
 // ROWS rows of bf16 x (stride lda, an even number of k's) against one k-paired bf16 panel
 template <int ROWS>
-void micro_pairs(const bf16* x, int64_t lda, const bf16* panel, int64_t pairs, vf (&acc)[MR][2]) {
+void micro_pairs(const bf16* x, int64_t lda, const bf16* panel, int64_t pairs, bool first, vf (&acc)[MR][2]) {
   for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = vzero();
   for (int64_t kp = 0; kp < pairs; ++kp) {
+    if (first) prefetch_bytes(panel + (kp + PREFETCH_K) * 2 * NR, 2 * NR * int64_t(sizeof(bf16)));
     __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + kp * 2 * NR);
     __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + kp * 2 * NR + 2 * VL);
 #pragma GCC unroll 12
@@ -147,20 +152,20 @@ void micro_pairs(const bf16* x, int64_t lda, const bf16* panel, int64_t pairs, v
 
 // One (row block, panel) task: its rows MR at a time, the last few by the same code with fewer rows.
 template <int ROWS, typename TX, typename TW, typename TO>
-void rows_tile(const TX* x, int64_t lda, const TW* panel, int64_t k, const float* bias, TO* out, int64_t n,
-               int64_t col0) {
+void rows_tile(const TX* x, int64_t lda, const TW* panel, int64_t k, bool first, const float* bias, TO* out,
+               int64_t n, int64_t col0) {
   vf acc[MR][2];
-  if constexpr (std::is_same_v<TX, float>) micro<ROWS>(x, lda, panel, k, acc);
+  if constexpr (std::is_same_v<TX, float>) micro<ROWS>(x, lda, panel, k, first, acc);
 #if defined(__AVX512BF16__)
-  else micro_pairs<ROWS>(x, lda, panel, k / 2, acc);
+  else micro_pairs<ROWS>(x, lda, panel, k / 2, first, acc);
 #endif
   store_tile<ROWS>(acc, bias, out, n, col0);
 }
 
 template <typename TX, typename TW, typename TO, int... R>
-void dispatch_rows(int rows, const TX* x, int64_t lda, const TW* panel, int64_t k, const float* bias, TO* out,
-                   int64_t n, int64_t col0, std::integer_sequence<int, R...>) {
-  ((rows == R + 1 ? rows_tile<R + 1>(x, lda, panel, k, bias, out, n, col0) : void()), ...);
+void dispatch_rows(int rows, const TX* x, int64_t lda, const TW* panel, int64_t k, bool first, const float* bias,
+                   TO* out, int64_t n, int64_t col0, std::integer_sequence<int, R...>) {
+  ((rows == R + 1 ? rows_tile<R + 1>(x, lda, panel, k, first, bias, out, n, col0) : void()), ...);
 }
 
 // out [m, n] from x [m, k] (TX: fp32, or bf16 for the paired path) and packed panels of TW
@@ -175,7 +180,9 @@ void gemm(const TX* x, int64_t lda, const TW* packed, int64_t panel_k, const flo
     const TW* panel = packed + p * panel_k * NR;
     for (int64_t row = block * ROW_BLOCK; row < std::min(m, (block + 1) * ROW_BLOCK); row += MR) {
       int rows = int(std::min<int64_t>(MR, m - row));
-      dispatch_rows(rows, x + row * lda, lda, panel, panel_k, bias, out + row * n, n, p * NR,
+      // the panel's first pass reads it from memory (decode streams every weight once a step)
+      bool first = row == 0;
+      dispatch_rows(rows, x + row * lda, lda, panel, panel_k, first, bias, out + row * n, n, p * NR,
                     std::make_integer_sequence<int, MR>{});
     }
     _mm_sfence();  // the task's non-temporal stores are visible before it counts as done
