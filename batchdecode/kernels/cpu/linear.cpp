@@ -26,10 +26,10 @@ constexpr int MR = 12;  // rows per micro-kernel: 2 x MR accumulators + 2 panel 
 #else
 constexpr int MR = 6;  // 12 accumulators + 2 + 1 <= 16 registers
 #endif
-constexpr int64_t ROW_BLOCK = 8 * MR;
+constexpr int64_t ROW_BLOCK = 8 * MR;  // rows a task takes, so that x's block and one panel stay in L2
 // The first rows' pass over a panel prefetches this many k rows ahead (4 KB of fp32 panel): the hardware's stream
 // prefetcher stops at every 4 KB page
-constexpr int64_t PREFETCH_K = 32;  // rows a task takes, so that x's block and one panel stay in L2
+constexpr int64_t PREFETCH_K = 32;
 
 #if defined(__AVX512BF16__)
 constexpr bool PAIRED_BF16 = true;
