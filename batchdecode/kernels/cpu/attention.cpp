@@ -93,24 +93,47 @@ void prefetch_first_tile(const PagedAttentionArgs& a, const Query& query, int64_
 
 // scores[g * TILE + i] = q_g . k_slot(i) * scale for the tile's n slots; each dot product's partial sums are
 // kept as a vector and VL of them reduced together (hsum_lanes), with hsum's bits
+// dots[(g * TILE + i) * VL ..] = the partial sums of q_g . k_slot(i): fma over the head dim's vectors in order
 template <typename T>
-void tile_scores(const PagedAttentionArgs& a, int64_t heads, const float* q, const int64_t* rows, int64_t n,
-                 float* dots, float* scores) {
-  const T* k_cache = static_cast<const T*>(a.k_cache);
-  const int64_t dim = a.head_dim, dim_p = padded(dim), vectors = dim_p / VL;
+void tile_dots(const T* k_cache, int64_t dim, int64_t heads, const float* q, const int64_t* rows, int64_t n,
+               float* dots) {
+  const int64_t dim_p = padded(dim), vectors = dim_p / VL;
   vf k[MAX_VECTORS];
   for (int64_t i = 0; i < n; ++i) {
     const T* key = k_cache + rows[i];
-    if (dim == dim_p)
-      for (int64_t j = 0; j < vectors; ++j) k[j] = load(key + j * VL);
-    else
-      for (int64_t j = 0; j < vectors; ++j) k[j] = load_n(key + j * VL, dim - j * VL);
+    for (int64_t j = 0; j < vectors; ++j) k[j] = load_n(key + j * VL, dim - j * VL);
     for (int64_t g = 0; g < heads; ++g) {
       vf dot = vzero();
       for (int64_t j = 0; j < vectors; ++j) dot = vfma(load(q + g * dim_p + j * VL), k[j], dot);
       store(dots + (g * TILE + i) * VL, dot);
     }
   }
+}
+
+// the same for a head dim of exactly V vectors: the key and the fmas in registers, unrolled (the same bits)
+template <int V, typename T>
+void tile_dots_fixed(const T* k_cache, int64_t heads, const float* q, const int64_t* rows, int64_t n, float* dots) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* key = k_cache + rows[i];
+    vf k[V];
+    for (int j = 0; j < V; ++j) k[j] = load(key + j * VL);
+    for (int64_t g = 0; g < heads; ++g) {
+      vf dot = vzero();
+      for (int j = 0; j < V; ++j) dot = vfma(load(q + g * V * VL + j * VL), k[j], dot);
+      store(dots + (g * TILE + i) * VL, dot);
+    }
+  }
+}
+
+template <typename T>
+void tile_scores(const PagedAttentionArgs& a, int64_t heads, const float* q, const int64_t* rows, int64_t n,
+                 float* dots, float* scores) {
+  const T* k_cache = static_cast<const T*>(a.k_cache);
+  const int64_t dim = a.head_dim, vectors = dim / VL;
+  if (dim % VL == 0 && vectors == 2) tile_dots_fixed<2>(k_cache, heads, q, rows, n, dots);
+  else if (dim % VL == 0 && vectors == 4) tile_dots_fixed<4>(k_cache, heads, q, rows, n, dots);
+  else if (dim % VL == 0 && vectors == 8) tile_dots_fixed<8>(k_cache, heads, q, rows, n, dots);
+  else tile_dots(k_cache, dim, heads, q, rows, n, dots);
   const int64_t used = (n + VL - 1) / VL * VL;  // whole groups of VL slots; the tail's lanes are masked below
   for (int64_t g = 0; g < heads; ++g) {
     float* s = scores + g * TILE;
