@@ -20,7 +20,7 @@ class EngineConfig:
     dtype: torch.dtype | str | None = None     # None ("auto"): bfloat16 on CUDA, float32 on CPU; an instance's own
     block_size: int = 16                       # tokens per KV page
     max_num_seqs: int = 256                    # rows in one step
-    max_num_batched_tokens: int | None = None  # tokens in one step (longer prompts are prefilled in chunks); None: 8192 on CUDA, 2048 on CPU
+    max_num_batched_tokens: int | None = None  # tokens in one step (longer prompts in chunks); None: 8192 CUDA, 2048 CPU
     max_model_len: int | None = None           # prompt + max_tokens; None: the longest context the model computes exactly
     num_kv_blocks: int | None = None           # KV pages; None: from free memory on CUDA, max_num_seqs x 512 tokens on CPU
     kv_cache_memory_fraction: float = 0.9      # of the CUDA memory free after loading the weights

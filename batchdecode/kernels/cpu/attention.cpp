@@ -91,8 +91,6 @@ void prefetch_first_tile(const PagedAttentionArgs& a, const Query& query, int64_
   prefetch_tile<T>(a, query, query.first_slot, n, rows);
 }
 
-// scores[g * TILE + i] = q_g . k_slot(i) * scale for the tile's n slots; each dot product's partial sums are
-// kept as a vector and VL of them reduced together (hsum_lanes), with hsum's bits
 // dots[(g * TILE + i) * VL ..] = the partial sums of q_g . k_slot(i): fma over the head dim's vectors in order
 template <typename T>
 void tile_dots(const T* k_cache, int64_t dim, int64_t heads, const float* q, const int64_t* rows, int64_t n,
@@ -125,6 +123,8 @@ void tile_dots_fixed(const T* k_cache, int64_t heads, const float* q, const int6
   }
 }
 
+// scores[g * TILE + i] = q_g . k_slot(i) * scale for the tile's n slots; each dot product's partial sums are
+// kept as a vector and VL of them reduced together (hsum_lanes), with hsum's bits
 template <typename T>
 void tile_scores(const PagedAttentionArgs& a, int64_t heads, const float* q, const int64_t* rows, int64_t n,
                  float* dots, float* scores) {
