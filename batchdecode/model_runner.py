@@ -7,6 +7,7 @@ coming back are the step's only host sync.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from itertools import chain
 
@@ -14,11 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .batch import ForwardBatch
 from .cuda_graphs import DecodeGraphs
 from .engine_config import EngineConfig
 from .intake import RequestError, pages_for
 from .intake import max_model_len as request_context
+from .kernels import cpu_native
 from .outputs import TokenLogprobs
 from .prompt_logprobs import record, scored_positions
 from .sampler import LogprobsTensors, SamplerOutput, SamplingTensors, sample, token_logprobs
@@ -127,8 +130,13 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
         """Compute the scheduled tokens; return the sampled token (and logprobs) of each row in batch.sampled_seqs.
         The prompt tokens this step scores (SamplingParams.prompt_logprobs) go to their seq.prompt_logprobs."""
-        output, scores = self._forward_and_sample(batch)
+        with self._torch_threads():
+            output, scores = self._forward_and_sample(batch)
         return self._to_host(batch, output, scores)
+
+    def _torch_threads(self) -> AbstractContextManager:
+        """On the native CPU kernels, the step's few torch ops run on one thread (cpu_native says why)."""
+        return cpu_native.torch_ops_on_one_thread() if kernels.native_cpu(self.device) else nullcontext()
 
     def _forward_and_sample(self, batch: ScheduledBatch) -> tuple[SamplerOutput | None, LogprobsTensors | None]:
         """The model's step, then the sampler's over the rows that sample (None when none does) and the scores of

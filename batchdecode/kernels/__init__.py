@@ -26,7 +26,7 @@ if HAVE_TRITON:  # outside the try, so that a broken kernel module fails loudly 
     from . import triton_activation, triton_attention, triton_matmul, triton_moe, triton_rms_norm, triton_rope_kv
 
 __all__ = ["linear", "fused_linear", "grouped_linear", "paged_attention", "rope_and_store_kv", "store_kv", "rms_norm", "silu_and_mul",
-           "reference", "backend", "current_backend", "batch_invariant", "use_triton"]
+           "reference", "backend", "current_backend", "batch_invariant", "use_triton", "native_cpu"]
 
 BACKENDS = ("auto", "triton", "native", "torch")
 _backend = "auto"
@@ -80,6 +80,12 @@ def use_triton(x: Tensor) -> bool:
     if _backend in ("torch", "native"):
         return False
     return HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def native_cpu(device: torch.device) -> bool:
+    """Whether the native CPU kernels serve this device's tensors under the current backend."""
+    x = torch.empty(0, device=device)
+    return not use_triton(x) and _cpu(x) is cpu_native
 
 
 def _cpu(x: Tensor):

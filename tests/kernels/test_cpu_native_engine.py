@@ -38,3 +38,51 @@ def test_request_is_bitwise_the_same_alone_and_in_a_batch(arch, dtype):
     alone = generate(model, [target], 0)
     assert generate(model, prompts[:3] + [target] + prompts[3:], 3) == alone
     assert generate(model, prompts[:3] + [target], 3, max_num_batched_tokens=7) == alone
+
+
+def test_a_step_runs_torch_ops_on_one_thread_and_the_kernels_on_torchs_count():
+    """The engine's steps run torch's own ops on one thread (OpenMP's spinning workers would compete with the
+    kernels' threads) while the kernels keep torch's count; torch's setting is back after the call, also when a
+    step raises."""
+    model = tiny_model("llama", dtype=torch.float32)
+    llm = LLM(model, num_kv_blocks=64, enable_prefix_caching=False)
+    seen = []
+    original = cpu_native.linear
+
+    def spy(*args, **kwargs):
+        seen.append((torch.get_num_threads(), cpu_native.extension().threads_for_kernels()))
+        return original(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with kernels.backend("native"), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cpu_native, "linear", spy)
+            llm.generate([{"prompt_token_ids": [5, 6, 7]}], TARGET, use_tqdm=False)
+            assert seen and set(seen) == {(1, 2)}   # torch's ops on one thread, the kernels on two
+            assert torch.get_num_threads() == 2
+
+            def fail(*args, **kwargs):
+                raise RuntimeError("a failing step")
+
+            patch.setattr(cpu_native, "linear", fail)
+            with pytest.raises(RuntimeError, match="a failing step"):
+                llm.generate([{"prompt_token_ids": [5, 6, 7]}], TARGET, use_tqdm=False)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torch_ops_on_one_thread_keeps_the_kernels_on_torchs_count_and_their_bits():
+    x, w = torch.randn(64, 576), torch.randn(1536, 576)
+    ext, before = cpu_native.extension(), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outside = cpu_native.linear(x, w)
+        with cpu_native.torch_ops_on_one_thread():
+            assert (torch.get_num_threads(), ext.threads_for_kernels()) == (1, 2)
+            inside = cpu_native.linear(x, w)
+        assert (torch.get_num_threads(), ext.threads_for_kernels()) == (2, 2)
+        assert torch.equal(inside, outside)
+    finally:
+        torch.set_num_threads(before)

@@ -174,6 +174,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, release());
   m.def("rope_and_store_kv", &rope_and_store_kv, release());
   m.def("linear_path", &linear_path);
+  m.def("set_pool_threads", &bd::set_pool_threads);
+  m.def("threads_for_kernels", &bd::threads_for_kernels);
   m.def("fma_peak", &bd::fma_peak, release());
   m.def("fma_peak_flops_per_iteration", &bd::fma_peak_flops_per_iteration);
   m.attr("VECTOR_LANES") = bd::VL;

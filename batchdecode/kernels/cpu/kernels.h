@@ -16,6 +16,10 @@ constexpr int64_t PARALLEL_MACS = int64_t(1) << 21;
 // Run fn(0) .. fn(tasks - 1), on torch's thread count when `parallel` (pool.cpp); the caller never waits for a
 // thread that has not started, only for tasks already claimed.
 void parallel_tasks(int64_t tasks, bool parallel, const std::function<void(int64_t)>& fn);
+// threads > 0: the calling thread's kernel calls run on that many threads, whatever torch's setting; 0: on
+// torch's (the default)
+void set_pool_threads(int threads);
+int threads_for_kernels();  // the calling thread's: its set_pool_threads, else torch's (omp_get_max_threads)
 
 // ---- paged attention (attention.cpp)
 

@@ -98,11 +98,17 @@ class Pool {
   std::vector<std::thread> helpers_;
 };
 
+thread_local int pool_threads = 0;  // the calling thread's, as OpenMP's own thread count is
+
 }  // namespace
+
+void set_pool_threads(int threads) { pool_threads = threads; }
+
+int threads_for_kernels() { return pool_threads > 0 ? pool_threads : omp_get_max_threads(); }
 
 void parallel_tasks(int64_t tasks, bool parallel, const std::function<void(int64_t)>& fn) {
   static std::mutex one_caller;  // one job at a time (kernels are called from one Python thread at a time)
-  int threads = omp_get_max_threads();  // torch.set_num_threads sets it
+  int threads = threads_for_kernels();
   if (!parallel || threads < 2 || tasks < 2) {
     for (int64_t t = 0; t < tasks; ++t) fn(t);
     return;
