@@ -65,9 +65,20 @@ T from_float(float x) {
   return buf[0];
 }
 
-// rotate n pairs (first[i], second[i]) of one head by (cos[i], sin[i]), each result rounded once to T
+// rotate n pairs (first[i], second[i]) of one head by (cos[i], sin[i]), each result rounded once to T. The
+// neox layout (halves side by side) takes VL pairs a step; its lanes compute the scalar code's products, sum
+// and rounding, so both give the same bits.
 template <typename T>
 void rotate(T* x, int64_t half, bool neox, const float* cos, const float* sin) {
+  if (neox) {
+    for (int64_t i = 0; i < half; i += VL) {
+      const int64_t n = half - i;
+      vf x1 = load_n(x + i, n), x2 = load_n(x + half + i, n), c = load_n(cos + i, n), s = load_n(sin + i, n);
+      store_n(x + i, vsub(vmul(x1, c), vmul(x2, s)), n);
+      store_n(x + half + i, vadd(vmul(x2, c), vmul(x1, s)), n);
+    }
+    return;
+  }
   for (int64_t i = 0; i < half; ++i) {
     T* a = neox ? x + i : x + 2 * i;
     T* b = neox ? x + i + half : x + 2 * i + 1;
