@@ -130,13 +130,12 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
         """Compute the scheduled tokens; return the sampled token (and logprobs) of each row in batch.sampled_seqs.
         The prompt tokens this step scores (SamplingParams.prompt_logprobs) go to their seq.prompt_logprobs."""
-        with self._torch_threads():
-            output, scores = self._forward_and_sample(batch)
+        output, scores = self._forward_and_sample(batch)
         return self._to_host(batch, output, scores)
 
-    def _torch_threads(self) -> AbstractContextManager:
-        """On the native CPU kernels, the step's few torch ops run on one thread (cpu_native says why)."""
-        return cpu_native.torch_ops_on_one_thread() if kernels.native_cpu(self.device) else nullcontext()
+    def _one_thread(self, enabled: bool = True) -> AbstractContextManager:
+        """On the native CPU kernels, torch's few ops in a step run on one thread (cpu_native says why)."""
+        return cpu_native.torch_ops_on_one_thread() if enabled and kernels.native_cpu(self.device) else nullcontext()
 
     def _forward_and_sample(self, batch: ScheduledBatch) -> tuple[SamplerOutput | None, LogprobsTensors | None]:
         """The model's step, then the sampler's over the rows that sample (None when none does) and the scores of
@@ -148,11 +147,15 @@ class ModelRunner:
             assert not any(scored), "a decode step scores no prompt token (its row is at or past the prompt's end)"
             logits = self.graphs.replay(self.prepare_inputs(batch, graph_size))[:len(sampled_seqs)]
         else:
-            logits = self.model(self.prepare_inputs(batch, scored=scored), self.kv_caches)
+            with self._one_thread():
+                logits = self.model(self.prepare_inputs(batch, scored=scored), self.kv_caches)
         output = scores = None
         if sampled_seqs:
             params = SamplingTensors.from_seqs(sampled_seqs, self.model.vocab_size, self.device)
-            output = sample(logits[:len(sampled_seqs)], params)
+            # top-k/top-p sort the vocabulary of every row: that sort takes torch's threads (on one thread it
+            # would cost more than the spinning it avoids)
+            with self._one_thread(params.top_ks is None and params.top_ps is None):
+                output = sample(logits[:len(sampled_seqs)], params)
         if any(scored):
             scores = self._score_prompt_tokens(batch, scored, logits[len(sampled_seqs):])
         return output, scores

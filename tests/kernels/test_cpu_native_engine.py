@@ -41,9 +41,9 @@ def test_request_is_bitwise_the_same_alone_and_in_a_batch(arch, dtype):
 
 
 def test_a_step_runs_torch_ops_on_one_thread_and_the_kernels_on_torchs_count():
-    """The engine's steps run torch's own ops on one thread (OpenMP's spinning workers would compete with the
-    kernels' threads) while the kernels keep torch's count; torch's setting is back after the call, also when a
-    step raises."""
+    """The engine's forward passes run torch's own ops on one thread (OpenMP's spinning workers would compete
+    with the kernels' threads) while the kernels keep torch's count; torch's setting is back after the call, also
+    when a step raises."""
     model = tiny_model("llama", dtype=torch.float32)
     llm = LLM(model, num_kv_blocks=64, enable_prefix_caching=False)
     seen = []
@@ -69,6 +69,28 @@ def test_a_step_runs_torch_ops_on_one_thread_and_the_kernels_on_torchs_count():
             with pytest.raises(RuntimeError, match="a failing step"):
                 llm.generate([{"prompt_token_ids": [5, 6, 7]}], TARGET, use_tqdm=False)
             assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_top_p_step_sorts_the_vocabulary_on_torchs_threads():
+    """Top-k/top-p sort every row's vocabulary: that sort keeps torch's threads (one thread would cost more)."""
+    from batchdecode import sampler
+    llm = LLM(tiny_model("llama", dtype=torch.float32), num_kv_blocks=64, enable_prefix_caching=False)
+    seen, original = [], sampler._top_k_top_p
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with kernels.backend("native"), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sampler, "_top_k_top_p", spy)
+            params = SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=3, ignore_eos=True)
+            llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)
+        assert seen and set(seen) == {2}
     finally:
         torch.set_num_threads(before)
 
