@@ -121,7 +121,6 @@ def available() -> bool:
 
 # ---- threads
 
-
 @contextmanager
 def torch_ops_on_one_thread() -> Iterator[None]:
     """Inside the block torch's own ops run on one thread, while these kernels keep torch's thread count.
@@ -129,7 +128,8 @@ def torch_ops_on_one_thread() -> Iterator[None]:
     An engine step on the CPU runs a few small torch ops (gathers, a dtype copy, argmax) among hundreds of kernel
     calls. Run in parallel, each wakes OpenMP's worker threads, which then spin on their cores for milliseconds
     (libgomp's default wait policy) beside the kernels' own threads: on 2 cores 8% of a SmolLM2 run's CPU samples
-    were libgomp spinning, and the run took about 10% more CPU time. Both settings are the calling thread's own (torch's as OpenMP's), as is the block."""
+    were libgomp spinning, and the run took about 10% more CPU time. Both settings are the calling thread's own
+    (torch's as OpenMP's), as is the block."""
     threads = torch.get_num_threads()
     ext = extension()
     ext.set_pool_threads(threads)
