@@ -25,3 +25,12 @@ def twins():
 
     with kernels.backend("torch"):
         yield
+
+
+@pytest.fixture
+def two_threads():
+    """torch (and the native kernels) on 2 threads for the test, the previous count restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)

@@ -97,14 +97,6 @@ def first_difference(alone: list, other: list) -> str | None:
     return None if len(alone) == len(other) else f"{len(alone)} tokens alone, {len(other)} here"
 
 
-@pytest.fixture
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
 # Both CPU backends: the twins (the oracle and fallback, whose linear issue 18 fixed) and the native kernels (the
 # default for CPU tensors; named here because the tests' TRITON_INTERPRET=1 would send "auto" to the interpreter).
 # The native CI size takes about 8 + 6 CPU-seconds (fp32 + bf16; 2026-12-05, AVX-512 + avx512_bf16, build cached).

@@ -40,71 +40,60 @@ def test_request_is_bitwise_the_same_alone_and_in_a_batch(arch, dtype):
     assert generate(model, prompts[:3] + [target], 3, max_num_batched_tokens=7) == alone
 
 
-def test_a_step_runs_torch_ops_on_one_thread_and_the_kernels_on_torchs_count():
+def record_threads(patch: pytest.MonkeyPatch, module, name: str, threads) -> list:
+    """Wrap module.name so that every call records threads(); returns the list of records."""
+    seen, original = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        seen.append(threads())
+        return original(*args, **kwargs)
+
+    patch.setattr(module, name, spy)
+    return seen
+
+
+def tiny_llm() -> LLM:
+    return LLM(tiny_model("llama", dtype=torch.float32), num_kv_blocks=64, enable_prefix_caching=False)
+
+
+def test_a_step_runs_torch_ops_on_one_thread_and_the_kernels_on_torchs_count(two_threads):
     """The engine's forward passes run torch's own ops on one thread (OpenMP's spinning workers would compete
     with the kernels' threads) while the kernels keep torch's count; torch's setting is back after the call, also
     when a step raises."""
-    model = tiny_model("llama", dtype=torch.float32)
-    llm = LLM(model, num_kv_blocks=64, enable_prefix_caching=False)
-    seen = []
-    original = cpu_native.linear
+    llm = tiny_llm()
+    with kernels.backend("native"), pytest.MonkeyPatch.context() as patch:
+        seen = record_threads(patch, cpu_native, "linear",
+                              lambda: (torch.get_num_threads(), cpu_native.extension().threads_for_kernels()))
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}], TARGET, use_tqdm=False)
+        assert seen and set(seen) == {(1, 2)}   # torch's ops on one thread, the kernels on two
+        assert torch.get_num_threads() == 2
 
-    def spy(*args, **kwargs):
-        seen.append((torch.get_num_threads(), cpu_native.extension().threads_for_kernels()))
-        return original(*args, **kwargs)
+        def fail(*args, **kwargs):
+            raise RuntimeError("a failing step")
 
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with kernels.backend("native"), pytest.MonkeyPatch.context() as patch:
-            patch.setattr(cpu_native, "linear", spy)
+        patch.setattr(cpu_native, "linear", fail)
+        with pytest.raises(RuntimeError, match="a failing step"):
             llm.generate([{"prompt_token_ids": [5, 6, 7]}], TARGET, use_tqdm=False)
-            assert seen and set(seen) == {(1, 2)}   # torch's ops on one thread, the kernels on two
-            assert torch.get_num_threads() == 2
-
-            def fail(*args, **kwargs):
-                raise RuntimeError("a failing step")
-
-            patch.setattr(cpu_native, "linear", fail)
-            with pytest.raises(RuntimeError, match="a failing step"):
-                llm.generate([{"prompt_token_ids": [5, 6, 7]}], TARGET, use_tqdm=False)
-            assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+        assert torch.get_num_threads() == 2
 
 
-def test_a_top_p_step_sorts_the_vocabulary_on_torchs_threads():
+def test_a_top_p_step_sorts_the_vocabulary_on_torchs_threads(two_threads):
     """Top-k/top-p sort every row's vocabulary: that sort keeps torch's threads (one thread would cost more)."""
     from batchdecode import sampler
-    llm = LLM(tiny_model("llama", dtype=torch.float32), num_kv_blocks=64, enable_prefix_caching=False)
-    seen, original = [], sampler._top_k_top_p
-
-    def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return original(*args, **kwargs)
-
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with kernels.backend("native"), pytest.MonkeyPatch.context() as patch:
-            patch.setattr(sampler, "_top_k_top_p", spy)
-            params = SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=3, ignore_eos=True)
-            llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)
-        assert seen and set(seen) == {2}
-    finally:
-        torch.set_num_threads(before)
+    llm = tiny_llm()
+    with kernels.backend("native"), pytest.MonkeyPatch.context() as patch:
+        seen = record_threads(patch, sampler, "_top_k_top_p", torch.get_num_threads)
+        params = SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=3, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)
+    assert seen and set(seen) == {2}
 
 
-def test_torch_ops_on_one_thread_keeps_the_kernels_on_torchs_count_and_their_bits():
+def test_torch_ops_on_one_thread_keeps_the_kernels_on_torchs_count_and_their_bits(two_threads):
     x, w = torch.randn(64, 576), torch.randn(1536, 576)
-    ext, before = cpu_native.extension(), torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        outside = cpu_native.linear(x, w)
-        with cpu_native.torch_ops_on_one_thread():
-            assert (torch.get_num_threads(), ext.threads_for_kernels()) == (1, 2)
-            inside = cpu_native.linear(x, w)
-        assert (torch.get_num_threads(), ext.threads_for_kernels()) == (2, 2)
-        assert torch.equal(inside, outside)
-    finally:
-        torch.set_num_threads(before)
+    ext = cpu_native.extension()
+    outside = cpu_native.linear(x, w)
+    with cpu_native.torch_ops_on_one_thread():
+        assert (torch.get_num_threads(), ext.threads_for_kernels()) == (1, 2)
+        inside = cpu_native.linear(x, w)
+    assert (torch.get_num_threads(), ext.threads_for_kernels()) == (2, 2)
+    assert torch.equal(inside, outside)
